@@ -1,0 +1,466 @@
+//! The wire message of KubeEdge's CloudHub protocol (protocol §1): its exact JSON keys and omission
+//! rules, encode/decode, the group and operation names, and the helpers that build responses and ACKs.
+//! Pure data: no I/O, no channels, no threads, so it can be tested and fuzzed on its own.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Wire groups (protocol §1.5, HEAD adds `taskmanager`).
+pub mod group {
+    pub const RESOURCE: &str = "resource";
+    pub const FUNC: &str = "func";
+    pub const TWIN: &str = "twin";
+    pub const USER: &str = "user";
+    pub const TASK_MANAGER: &str = "taskmanager";
+}
+
+/// Operations the edge itself reads or writes.
+pub mod operation {
+    pub const INSERT: &str = "insert";
+    pub const UPDATE: &str = "update";
+    pub const DELETE: &str = "delete";
+    pub const QUERY: &str = "query";
+    pub const UPLOAD: &str = "upload";
+    pub const RESPONSE: &str = "response";
+    pub const ERROR: &str = "error";
+    pub const KEEPALIVE: &str = "keepalive";
+    pub const CONNECT: &str = "connect";
+    /// viaduct control operations, answered by the connection itself (protocol §2.8).
+    pub const CONTROL_CONFIG: &str = "config";
+    pub const CONTROL_PING: &str = "ping";
+    pub const CONTROL_PONG: &str = "pong";
+}
+
+/// EdgeHub's module name on the edge bus and the `source` of its keepalive (protocol §1.5).
+pub const EDGEHUB_MODULE: &str = "websocket";
+/// Content of a successful response or ACK.
+pub const CONTENT_OK: &str = "OK";
+/// Content of the answer to a viaduct control operation.
+pub const CONTENT_CONTROL_ACK: &str = "ack";
+/// Contents of the local connection events (protocol §3.3).
+pub const CLOUD_CONNECTED: &str = "cloud_connected";
+pub const CLOUD_DISCONNECTED: &str = "cloud_disconnected";
+/// Resource of the local connection events.
+pub const CONNECTION_RESOURCE: &str = "node/connection";
+
+/// `header` of a wire message. Key order and `omitempty` follow Go's `model.MessageHeader`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always emitted, even when empty.
+    #[serde(rename = "msg_id", default)]
+    pub id: String,
+    /// Present only on responses; its presence marks the message as one (protocol §3.5).
+    #[serde(rename = "parent_msg_id", default, skip_serializing_if = "String::is_empty")]
+    pub parent_id: String,
+    /// Milliseconds since the Unix epoch. Always emitted.
+    #[serde(default)]
+    pub timestamp: i64,
+    /// Decimal Kubernetes resourceVersion; drives the cloud's reliable delivery (protocol §4.4).
+    #[serde(rename = "resourceversion", default, skip_serializing_if = "String::is_empty")]
+    pub resource_version: String,
+    /// Beehive context type; normally absent.
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub message_type: String,
+    // `sync` is a bus-only flag that must never be true on the wire (protocol §1.1): it is read
+    // and dropped, and never written.
+}
+
+/// `route` of a wire message. Missing and empty strings are the same thing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub destination: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub operation: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource: String,
+}
+
+/// One CloudHub message. `content` is kept as the raw JSON text it arrived as, so it is forwarded
+/// byte for byte (a Go `[]byte` is a base64 string, twin payloads are JSON inside a string: both
+/// must survive untouched, protocol §1.3).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Message {
+    #[serde(default)]
+    pub header: Header,
+    #[serde(rename = "route", default)]
+    pub route: Route,
+    #[serde(default = "null_content")]
+    pub content: Box<RawValue>,
+}
+
+fn null_content() -> Box<RawValue> {
+    raw_json("null")
+}
+
+/// Wraps JSON text known to be valid (a literal in this crate, or the output of serde_json).
+fn raw_json(text: &str) -> Box<RawValue> {
+    // Cannot fail: every caller passes valid JSON text.
+    RawValue::from_string(text.to_owned()).unwrap_or_else(|_| unreachable_null())
+}
+
+#[cold]
+fn unreachable_null() -> Box<RawValue> {
+    // `null` is valid JSON; from_string only fails on invalid JSON.
+    serde_json::from_str("null").unwrap_or_else(|_| unreachable!("null is valid json"))
+}
+
+/// Why a frame could not be read as a message.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// The frame holds no JSON value at all (Go's `io.ErrUnexpectedEOF`).
+    Empty,
+    /// Not JSON, or JSON of the wrong shape; names the field where serde could.
+    Json(serde_json::Error),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Empty => f.write_str("empty frame"),
+            DecodeError::Json(e) => write!(f, "malformed message json: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DecodeError::Empty => None,
+            DecodeError::Json(e) => Some(e),
+        }
+    }
+}
+
+impl Message {
+    /// A fresh message: new UUID v4, timestamp now, the given route and JSON content.
+    pub fn new(route: Route, content: Box<RawValue>) -> Message {
+        Message {
+            header: Header { id: new_uuid(), timestamp: now_millis(), ..Header::default() },
+            route,
+            content,
+        }
+    }
+
+    /// A fresh message whose content is the JSON string `text`.
+    pub fn with_text(route: Route, text: &str) -> Message {
+        Message::new(route, text_content(text))
+    }
+
+    /// Decodes the first JSON value of a text or binary frame. Trailing bytes (Go's `\n`) are
+    /// ignored, as gorilla's `ReadJSON` does.
+    pub fn decode(frame: &[u8]) -> Result<Message, DecodeError> {
+        let mut values = serde_json::Deserializer::from_slice(frame).into_iter::<Message>();
+        match values.next() {
+            None => Err(DecodeError::Empty),
+            Some(Err(e)) => Err(DecodeError::Json(e)),
+            Some(Ok(msg)) => Ok(msg),
+        }
+    }
+
+    /// Encodes as compact JSON followed by `\n`, exactly like gorilla's `WriteJSON`.
+    pub fn encode(&self) -> String {
+        // Cannot fail: every field is a string, an integer or already valid raw JSON.
+        let mut text = serde_json::to_string(self).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
+    /// Approximate encoded size in bytes, for queue accounting.
+    pub fn encoded_len_hint(&self) -> usize {
+        let h = &self.header;
+        let r = &self.route;
+        120 + h.id.len()
+            + h.parent_id.len()
+            + h.resource_version.len()
+            + h.message_type.len()
+            + r.source.len()
+            + r.destination.len()
+            + r.group.len()
+            + r.operation.len()
+            + r.resource.len()
+            + self.content.get().len()
+    }
+
+    /// True when this message answers another (`parent_msg_id` set).
+    pub fn is_response(&self) -> bool {
+        !self.header.parent_id.is_empty()
+    }
+
+    /// True for a message the cloud delivers through its ACK queue and re-sends until acknowledged:
+    /// it carries a resourceversion, or it is a delete in group `resource` (protocol §4.4, §9.5).
+    pub fn needs_ack(&self) -> bool {
+        !self.header.resource_version.is_empty()
+            || (self.route.operation == operation::DELETE && self.route.group == group::RESOURCE)
+    }
+
+    /// True for viaduct's connection-level control operations (protocol §2.8).
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self.route.operation.as_str(),
+            operation::CONTROL_CONFIG | operation::CONTROL_PING | operation::CONTROL_PONG
+        )
+    }
+
+    /// The content as a JSON string value, if it is one.
+    pub fn content_text(&self) -> Option<String> {
+        serde_json::from_str::<String>(self.content.get()).ok()
+    }
+
+    /// Builds the answer to `self` the way Go's `NewRespByMessage` does: new ID, `parent_msg_id` =
+    /// our ID, source, group, resource and type copied, operation `response`.
+    pub fn response_to(&self, content: Box<RawValue>) -> Message {
+        Message {
+            header: Header {
+                id: new_uuid(),
+                parent_id: self.header.id.clone(),
+                timestamp: now_millis(),
+                resource_version: String::new(),
+                message_type: self.header.message_type.clone(),
+            },
+            route: Route {
+                source: self.route.source.clone(),
+                destination: String::new(),
+                group: self.route.group.clone(),
+                operation: operation::RESPONSE.to_owned(),
+                resource: self.route.resource.clone(),
+            },
+            content,
+        }
+    }
+
+    /// The ACK CloudHub expects for an ack-queue message: a response with content `"OK"` (§4.5).
+    pub fn ack(&self) -> Message {
+        self.response_to(text_content(CONTENT_OK))
+    }
+
+    /// The answer to a viaduct control operation: a response with content `"ack"` (§2.8).
+    pub fn control_ack(&self) -> Message {
+        self.response_to(text_content(CONTENT_CONTROL_ACK))
+    }
+
+    /// The exact keepalive of protocol §1.6 A.
+    pub fn keepalive() -> Message {
+        Message::with_text(
+            Route {
+                source: EDGEHUB_MODULE.to_owned(),
+                group: group::RESOURCE.to_owned(),
+                operation: operation::KEEPALIVE.to_owned(),
+                resource: "node".to_owned(),
+                ..Route::default()
+            },
+            "ping",
+        )
+    }
+
+    /// The local connection event sent to every module (protocol §3.3); never on the wire.
+    pub fn connection_event(group: &str, connected: bool) -> Message {
+        Message::with_text(
+            Route {
+                source: "edgehub".to_owned(),
+                group: group.to_owned(),
+                operation: operation::CONNECT.to_owned(),
+                resource: CONNECTION_RESOURCE.to_owned(),
+                ..Route::default()
+            },
+            if connected { CLOUD_CONNECTED } else { CLOUD_DISCONNECTED },
+        )
+    }
+}
+
+impl fmt::Debug for Message {
+    /// Short form for logs: route and IDs, never the content (it may hold secrets).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {} {:?} id={}",
+            self.route.source,
+            self.route.group,
+            self.route.operation,
+            self.route.resource,
+            self.header.id
+        )?;
+        if !self.header.parent_id.is_empty() {
+            write!(f, " parent={}", self.header.parent_id)?;
+        }
+        if !self.header.resource_version.is_empty() {
+            write!(f, " rv={}", self.header.resource_version)?;
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Message) -> bool {
+        self.header == other.header
+            && self.route == other.route
+            && self.content.get() == other.content.get()
+    }
+}
+
+/// JSON string content holding `text`.
+pub fn text_content(text: &str) -> Box<RawValue> {
+    // Cannot fail: serializing a &str always succeeds.
+    raw_json(&serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned()))
+}
+
+/// Raw JSON content from text that must be a valid JSON value.
+pub fn json_content(text: &str) -> Result<Box<RawValue>, serde_json::Error> {
+    RawValue::from_string(text.to_owned())
+}
+
+/// Milliseconds since the Unix epoch (protocol §1.1: `timestamp` is in ms).
+pub fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A random UUID v4 in lowercase hex, as Go's `uuid.New().String()` writes it.
+///
+/// IDs only need to be unique, not secret: a process-wide random seed (from std's `RandomState`)
+/// mixed with a counter through splitmix64 gives that without a `rand` dependency.
+pub fn new_uuid() -> String {
+    let hi = random_u64();
+    let lo = random_u64();
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// A pseudo-random u64 (splitmix64 over a random seed and a counter). Not for cryptography.
+pub fn random_u64() -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut z = seed.wrapping_add(n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B1: &str = r#"{"header":{"msg_id":"a1b2c3d4-0000-4a7e-9c1d-2f5e8b7a6c01","timestamp":1645000001000,"resourceversion":"482913"},"route":{"source":"edgecontroller","group":"resource","operation":"insert","resource":"default/pod/nginx-7c5b9d"},"content":{"metadata":{"name":"nginx-7c5b9d","namespace":"default","uid":"5f1c0e7e-1111-4c2b-a8a0-1d2e3f405060","resourceVersion":"482913","creationTimestamp":"2022-02-16T08:00:00Z","labels":{"app":"nginx"}},"spec":{"containers":[{"name":"nginx","image":"nginx:1.21","resources":{}}],"nodeName":"edge-node-1"},"status":{"phase":"Pending","qosClass":"BestEffort"}}}"#;
+    const B2: &str = r#"{"header":{"msg_id":"e7d1aa90-4b3c-4d2e-8f10-9a8b7c6d5e4f","parent_msg_id":"a1b2c3d4-0000-4a7e-9c1d-2f5e8b7a6c01","timestamp":1645000001042},"route":{"source":"edgecontroller","group":"resource","operation":"response","resource":"default/pod/nginx-7c5b9d"},"content":"OK"}"#;
+    const A: &str = r#"{"header":{"msg_id":"3f0d2c1e-9a4b-4c55-8e0a-6b1f2d7c9e10","timestamp":1645000000123},"route":{"source":"websocket","group":"resource","operation":"keepalive","resource":"node"},"content":"ping"}"#;
+    const D1: &str = r#"{"header":{"msg_id":"8f0c1d2e-3b4a-4f5e-8d7c-6b5a4f3e2d1c","timestamp":1645000020000},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/configmap/app-cfg"},"content":null}"#;
+    const D2: &str = r#"{"header":{"msg_id":"c1d2e3f4-5a6b-4c7d-8e9f-0a1b2c3d4e5f","parent_msg_id":"8f0c1d2e-3b4a-4f5e-8d7c-6b5a4f3e2d1c","timestamp":1645000020150,"resourceversion":"4711"},"route":{"source":"edgecontroller","group":"resource","operation":"response","resource":"default/configmap/app-cfg"},"content":{"metadata":{"name":"app-cfg","namespace":"default","uid":"9a8b7c6d-1e2f-4a3b-8c4d-5e6f7a8b9c0d","resourceVersion":"4711"},"data":{"LOG_LEVEL":"info"}}}"#;
+
+    #[test]
+    fn examples_round_trip_byte_for_byte() {
+        for example in [A, B1, B2, D1, D2] {
+            let msg = Message::decode(example.as_bytes()).unwrap();
+            assert_eq!(msg.encode(), format!("{example}\n"));
+        }
+    }
+
+    #[test]
+    fn go_frame_with_trailing_newline_and_escapes_keeps_content_verbatim() {
+        let frame = "{\"header\":{\"msg_id\":\"x\",\"timestamp\":1},\"route\":{\"group\":\"user\"},\"content\":\"a \\u003cb\\u003e \\u0026\"}\n";
+        let msg = Message::decode(frame.as_bytes()).unwrap();
+        assert_eq!(msg.content.get(), r#""a \u003cb\u003e \u0026""#);
+        assert_eq!(msg.content_text().unwrap(), "a <b> &");
+        assert_eq!(msg.encode(), frame);
+    }
+
+    #[test]
+    fn sync_is_read_but_never_written_and_unknown_keys_are_ignored() {
+        let frame = r#"{"header":{"msg_id":"x","timestamp":5,"sync":true,"extra":1},"route":{"group":"twin","Other":"y"},"content":{"k":[1,2]},"more":0}"#;
+        let msg = Message::decode(frame.as_bytes()).unwrap();
+        let out = msg.encode();
+        assert!(!out.contains("sync"), "{out}");
+        assert_eq!(out, "{\"header\":{\"msg_id\":\"x\",\"timestamp\":5},\"route\":{\"group\":\"twin\"},\"content\":{\"k\":[1,2]}}\n");
+    }
+
+    #[test]
+    fn missing_fields_default_and_content_null_is_emitted() {
+        let msg = Message::decode(br#"{"header":{},"route":{}}"#).unwrap();
+        assert_eq!(msg.encode(), "{\"header\":{\"msg_id\":\"\",\"timestamp\":0},\"route\":{},\"content\":null}\n");
+    }
+
+    #[test]
+    fn base64_and_double_encoded_content_survive() {
+        let frame = r#"{"header":{"msg_id":"x","timestamp":1},"route":{},"content":{"body":"aGVsbG8=","twin":"{\"a\":1}"}}"#;
+        let msg = Message::decode(frame.as_bytes()).unwrap();
+        assert_eq!(msg.content.get(), r#"{"body":"aGVsbG8=","twin":"{\"a\":1}"}"#);
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        assert!(matches!(Message::decode(b""), Err(DecodeError::Empty)));
+        assert!(matches!(Message::decode(b"  \n"), Err(DecodeError::Empty)));
+        assert!(Message::decode(b"{not json").is_err());
+        assert!(Message::decode(b"[1,2]").is_err());
+        assert!(Message::decode(br#"{"header":{"timestamp":"soon"}}"#).is_err());
+        assert!(Message::decode(&[0xff, 0xfe, 0x00]).is_err());
+        let deep = "[".repeat(100_000);
+        assert!(Message::decode(format!("{{\"content\":{deep}").as_bytes()).is_err());
+    }
+
+    #[test]
+    fn ack_follows_new_resp_by_message() {
+        let b1 = Message::decode(B1.as_bytes()).unwrap();
+        assert!(b1.needs_ack());
+        let ack = b1.ack();
+        assert_eq!(ack.header.parent_id, b1.header.id);
+        assert_eq!(ack.route.source, "edgecontroller");
+        assert_eq!(ack.route.group, "resource");
+        assert_eq!(ack.route.operation, "response");
+        assert_eq!(ack.route.resource, "default/pod/nginx-7c5b9d");
+        assert_eq!(ack.content.get(), "\"OK\"");
+        assert!(ack.header.resource_version.is_empty());
+        assert_ne!(ack.header.id, b1.header.id);
+    }
+
+    #[test]
+    fn keepalive_matches_example_a_shape() {
+        let k = Message::keepalive();
+        let v: serde_json::Value = serde_json::from_str(&k.encode()).unwrap();
+        let a: serde_json::Value = serde_json::from_str(A).unwrap();
+        assert_eq!(v["route"], a["route"]);
+        assert_eq!(v["content"], a["content"]);
+        assert!(v["header"]["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
+        assert!(v["header"].get("parent_msg_id").is_none());
+    }
+
+    #[test]
+    fn uuids_are_v4_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = new_uuid();
+            assert_eq!(id.len(), 36);
+            assert_eq!(&id[14..15], "4");
+            assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
+            assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+            assert!(seen.insert(id));
+        }
+    }
+
+    #[test]
+    fn delete_in_resource_group_needs_ack_even_without_version() {
+        let m = Message::decode(br#"{"header":{"msg_id":"x"},"route":{"group":"resource","operation":"delete","resource":"default/pod/p"}}"#).unwrap();
+        assert!(m.needs_ack());
+        let t = Message::decode(br#"{"header":{"msg_id":"x"},"route":{"group":"twin","operation":"update"}}"#).unwrap();
+        assert!(!t.needs_ack());
+    }
+}
