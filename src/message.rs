@@ -345,7 +345,9 @@ pub fn random_u64() -> u64 {
     let seed = *SEED.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.write_u128(
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+        );
         h.write_u32(std::process::id());
         h.finish()
     });
@@ -395,7 +397,10 @@ mod tests {
     #[test]
     fn missing_fields_default_and_content_null_is_emitted() {
         let msg = Message::decode(br#"{"header":{},"route":{}}"#).unwrap();
-        assert_eq!(msg.encode(), "{\"header\":{\"msg_id\":\"\",\"timestamp\":0},\"route\":{},\"content\":null}\n");
+        assert_eq!(
+            msg.encode(),
+            "{\"header\":{\"msg_id\":\"\",\"timestamp\":0},\"route\":{},\"content\":null}\n"
+        );
     }
 
     #[test]
@@ -451,7 +456,9 @@ mod tests {
             assert_eq!(id.len(), 36);
             assert_eq!(&id[14..15], "4");
             assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
-            assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+            assert!(id
+                .chars()
+                .all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
             assert!(seen.insert(id));
         }
     }
@@ -460,7 +467,10 @@ mod tests {
     fn delete_in_resource_group_needs_ack_even_without_version() {
         let m = Message::decode(br#"{"header":{"msg_id":"x"},"route":{"group":"resource","operation":"delete","resource":"default/pod/p"}}"#).unwrap();
         assert!(m.needs_ack());
-        let t = Message::decode(br#"{"header":{"msg_id":"x"},"route":{"group":"twin","operation":"update"}}"#).unwrap();
+        let t = Message::decode(
+            br#"{"header":{"msg_id":"x"},"route":{"group":"twin","operation":"update"}}"#,
+        )
+        .unwrap();
         assert!(!t.needs_ack());
     }
 }

@@ -1,0 +1,161 @@
+//! Assembles a running agent from a validated config and a list of modules: the outbox, the pending
+//! requests, the module threads, the router, and the supervisor thread. Owns start and stop order:
+//! stop ends the supervisor (which joins its session), whose router holds the only senders of the
+//! module inboxes, so the modules then see their inbox disconnect and return; each is joined.
+
+use crate::config::Config;
+use crate::error::{ErrorKind, Result};
+use crate::modules::{Hub, Module, ModuleSpec};
+use crate::outbox::{Limits, Outbox};
+use crate::router::{bus_group, Pending, Router};
+use crate::session::Supervisor;
+use crate::status::Status;
+use crossbeam_channel::{bounded, Sender};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// The supervisor only dials, waits and joins.
+const SUPERVISOR_STACK_BYTES: usize = 128 << 10;
+
+/// A running agent. Dropping it without [`Agent::stop`] stops it too.
+pub struct Agent {
+    config: Arc<Config>,
+    hub: Hub,
+    status: Arc<Status>,
+    outbox: Arc<Outbox>,
+    stop_tx: Option<Sender<()>>,
+    supervisor: Option<JoinHandle<()>>,
+    modules: Vec<Module>,
+}
+
+impl Agent {
+    /// Starts the modules, then the supervisor, which connects and reconnects by itself.
+    /// The config must already be validated.
+    ///
+    /// # Errors
+    /// `Config` when two modules claim the same group or a group is not a bus group; `Io` when a
+    /// thread cannot be spawned.
+    pub fn start(config: Config, modules: Vec<ModuleSpec>) -> Result<Agent> {
+        let config = Arc::new(config);
+        let status = Arc::new(Status::default());
+        let outbox = Arc::new(Outbox::new(Limits {
+            max_messages: config.outbox_max_messages,
+            max_bytes: config.outbox_max_bytes,
+            rate_per_sec: config.message_qps,
+            burst: config.message_burst,
+        }));
+        let pending = Arc::new(Pending::default());
+        let hub = Hub::new(outbox.clone(), pending.clone(), status.clone());
+
+        let mut inboxes = Vec::new();
+        let mut groups: HashMap<&'static str, usize> = HashMap::new();
+        let mut running = Vec::new();
+        for spec in modules {
+            for group in &spec.groups {
+                if !bus_group::ALL.contains(group) {
+                    return Err(ErrorKind::Config.msg(format!(
+                        "module {} registers for {group:?}, which is not one of {:?}",
+                        spec.name,
+                        bus_group::ALL
+                    )));
+                }
+                if let Some(&other) = groups.get(group) {
+                    let (other, _, _) = &inboxes[other];
+                    return Err(ErrorKind::Config.msg(format!(
+                        "modules {other} and {} both register for group {group}",
+                        spec.name
+                    )));
+                }
+                groups.insert(group, inboxes.len());
+            }
+            let first_group = spec.groups.first().copied().unwrap_or("");
+            let (module, inbox_tx) =
+                Module::spawn(spec, config.module_inbox_capacity, hub.clone())?;
+            log::info!("module {} started for groups {:?}", module.name, module.groups);
+            inboxes.push((module.name.clone(), first_group, inbox_tx));
+            running.push(module);
+        }
+
+        let router = Router::new(inboxes, groups, pending, outbox.clone(), status.clone());
+        let supervisor = Supervisor {
+            config: config.clone(),
+            router,
+            outbox: outbox.clone(),
+            status: status.clone(),
+        };
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("eh-supervisor".to_owned())
+            .stack_size(SUPERVISOR_STACK_BYTES)
+            .spawn(move || supervisor.run(stop_rx))
+            .map_err(|e| ErrorKind::Io.msg("spawn supervisor").src(e))?;
+        Ok(Agent {
+            config,
+            hub,
+            status,
+            outbox,
+            stop_tx: Some(stop_tx),
+            supervisor: Some(thread),
+            modules: running,
+        })
+    }
+
+    /// A handle for sending to the cloud from outside any module (tests, tools).
+    pub fn hub(&self) -> Hub {
+        self.hub.clone()
+    }
+
+    pub fn status(&self) -> &Arc<Status> {
+        &self.status
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Messages waiting to go up.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Blocks until the supervisor ends (only after [`Agent::stop`] from another handle, or a
+    /// fatal fault); used by `edgehub run`.
+    pub fn wait(mut self) {
+        if let Some(thread) = self.supervisor.take() {
+            if thread.join().is_err() {
+                log::error!("bug: supervisor panicked");
+            }
+        }
+        self.stop_modules();
+    }
+
+    /// Stops the session and the supervisor, then the modules in reverse start order, and joins
+    /// every thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stop_tx.take());
+        if let Some(thread) = self.supervisor.take() {
+            if thread.join().is_err() {
+                log::error!("bug: supervisor panicked");
+            }
+        }
+        self.stop_modules();
+    }
+
+    fn stop_modules(&mut self) {
+        // The router (inside the supervisor) held the inbox senders; with it gone the modules end.
+        while let Some(module) = self.modules.pop() {
+            module.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,126 @@
+//! The command line (argh): `run`, `check-config`, `--version`; logging set-up; and turning
+//! arguments into a validated `Config` (raw flags first, derived objects after, as ripgrep does).
+//! No protocol logic lives here.
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::error::{ErrorKind, Result};
+use crate::modules::ModuleSpec;
+use argh::FromArgs;
+use std::path::PathBuf;
+
+/// edgehub: a small KubeEdge-compatible edge agent (one mutual-TLS WebSocket to CloudHub).
+#[derive(FromArgs, Debug)]
+pub struct Args {
+    /// print the version and exit
+    #[argh(switch)]
+    pub version: bool,
+    #[argh(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Run(RunArgs),
+    CheckConfig(CheckConfigArgs),
+}
+
+/// Connect to CloudHub and keep the link up until stopped.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "run")]
+pub struct RunArgs {
+    #[argh(option, short = 'c', default = "default_config_path()")]
+    /// configuration file (JSON, edgecore's edgeHub keys); default /etc/edgehub/config.json
+    pub config: PathBuf,
+    #[argh(option)]
+    /// node name (overrides nodeName)
+    pub node_name: Option<String>,
+    #[argh(option)]
+    /// cloudHub address host:port (overrides websocket.server)
+    pub server: Option<String>,
+    #[argh(switch, short = 'v')]
+    /// verbose: log at debug level (twice: trace)
+    pub verbose: u8,
+}
+
+/// Validate the configuration and print the effective settings (token redacted).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check-config")]
+pub struct CheckConfigArgs {
+    #[argh(option, short = 'c', default = "default_config_path()")]
+    /// configuration file; default /etc/edgehub/config.json
+    pub config: PathBuf,
+    #[argh(option)]
+    /// node name (overrides nodeName)
+    pub node_name: Option<String>,
+    #[argh(option)]
+    /// cloudHub address host:port (overrides websocket.server)
+    pub server: Option<String>,
+}
+
+fn default_config_path() -> PathBuf {
+    PathBuf::from("/etc/edgehub/config.json")
+}
+
+/// Loads the file, applies flag overrides, validates.
+pub fn load_config(
+    path: &std::path::Path,
+    node_name: Option<String>,
+    server: Option<String>,
+) -> Result<Config> {
+    let mut config = Config::load(path)?;
+    if let Some(node_name) = node_name {
+        config.node_name = node_name;
+    }
+    if let Some(server) = server {
+        config.websocket.server = server;
+    }
+    config.validate().map_err(|e| ErrorKind::Config.msg(format!("{}", path.display())).src(e))?;
+    Ok(config)
+}
+
+/// Logs to stderr (procd, systemd and busybox init all collect it) with UTC RFC 3339 times.
+pub fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .build();
+    // Only fails if a logger is already set (tests calling twice): keep the first.
+    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+}
+
+/// The modules `edgehub run` starts.
+pub fn builtin_modules(_config: &Config) -> Vec<ModuleSpec> {
+    Vec::new()
+}
+
+/// Runs the parsed command. Returns the process exit code on success.
+pub fn run(args: Args) -> Result<i32> {
+    if args.version {
+        println!("edgehub {}", env!("CARGO_PKG_VERSION"));
+        return Ok(0);
+    }
+    match args.command {
+        None => Err(ErrorKind::Config.msg("no command given; try `edgehub --help`")),
+        Some(Command::CheckConfig(a)) => {
+            let config = load_config(&a.config, a.node_name, a.server)?;
+            println!("{}", config.to_redacted_json());
+            Ok(0)
+        }
+        Some(Command::Run(a)) => {
+            let config = load_config(&a.config, a.node_name, a.server)?;
+            let level = match a.verbose {
+                0 => config.log_level.to_filter(),
+                1 => log::LevelFilter::Debug,
+                _ => log::LevelFilter::Trace,
+            };
+            init_logging(level);
+            let modules = builtin_modules(&config);
+            let agent = Agent::start(config, modules)?;
+            agent.wait();
+            Ok(0)
+        }
+    }
+}

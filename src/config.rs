@@ -1,0 +1,497 @@
+//! The agent's configuration: one JSON file whose keys and nesting are exactly edgecore's `edgeHub`
+//! section (protocol §6), so an operator can carry settings over, plus the agent's own keys at the top
+//! level. Defaults live here as consts; `validate()` refuses bad values naming the key and the reason.
+//! It holds paths only: it never opens sockets or reads certificate contents.
+
+use crate::error::{ErrorKind, Result};
+use serde::de::{Deserializer, Error as _};
+use serde::{Deserialize, Serialize, Serializer};
+use std::fmt;
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+pub const DEFAULT_PROJECT_ID: &str = "e632aba927ea4ac2b575ec1603d56f10";
+pub const DEFAULT_TLS_CA_FILE: &str = "/etc/kubeedge/ca/rootCA.crt";
+pub const DEFAULT_TLS_CERT_FILE: &str = "/etc/kubeedge/certs/server.crt";
+pub const DEFAULT_TLS_KEY_FILE: &str = "/etc/kubeedge/certs/server.key";
+pub const DEFAULT_MESSAGE_QPS: u32 = 30;
+pub const DEFAULT_MESSAGE_BURST: u32 = 60;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(15);
+pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(15);
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgehub";
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 << 20;
+pub const DEFAULT_OUTBOX_MAX_MESSAGES: usize = 10_000;
+pub const DEFAULT_OUTBOX_MAX_BYTES: usize = 16 << 20;
+pub const DEFAULT_MODULE_INBOX_CAP: usize = 256;
+pub const DEFAULT_RECONNECT_JITTER: Duration = Duration::from_secs(3);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// CloudHub closes a node that sent no keepalive for this long (protocol §4.3).
+pub const CLOUD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A duration written in the file as seconds. edgecore writes whole seconds; fractions are accepted
+/// too (tests and benchmarks run with sub-second heartbeats).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Seconds, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+            return Err(D::Error::custom(format!(
+                "{secs} is not a number of seconds from 0 to 1e9"
+            )));
+        }
+        Ok(Seconds(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let d = self.0;
+        if d.subsec_nanos() == 0 {
+            s.serialize_u64(d.as_secs())
+        } else {
+            s.serialize_f64(d.as_secs_f64())
+        }
+    }
+}
+
+/// `edgeHub.websocket` (protocol §6).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WebSocket {
+    pub enable: bool,
+    /// CloudHub address, `host:port`; the host must be in the server certificate's SANs.
+    pub server: String,
+    pub handshake_timeout: Seconds,
+    /// edgecore ignores it; here it is real: no frame at all for this long means the link is dead.
+    pub read_deadline: Seconds,
+    pub write_deadline: Seconds,
+}
+
+impl Default for WebSocket {
+    fn default() -> WebSocket {
+        WebSocket {
+            enable: true,
+            server: String::new(),
+            handshake_timeout: Seconds(DEFAULT_HANDSHAKE_TIMEOUT),
+            read_deadline: Seconds(DEFAULT_READ_DEADLINE),
+            write_deadline: Seconds(DEFAULT_WRITE_DEADLINE),
+        }
+    }
+}
+
+/// The log level key, as simplelog understands it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn to_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    // ---- edgecore's `edgeHub` keys (protocol §6) ----
+    /// Kept for compatibility; edgehub only runs the hub, so `false` is refused.
+    pub enable: bool,
+    /// Keepalive period, and half the reconnect cooldown.
+    pub heartbeat: Seconds,
+    #[serde(rename = "projectID")]
+    pub project_id: String,
+    pub tls_ca_file: PathBuf,
+    pub tls_cert_file: PathBuf,
+    pub tls_private_key_file: PathBuf,
+    /// `<caHash>.<jwt>` join token. Never printed.
+    pub token: String,
+    pub http_server: String,
+    pub rotate_certificates: bool,
+    #[serde(rename = "messageQPS")]
+    pub message_qps: u32,
+    pub message_burst: u32,
+    pub websocket: WebSocket,
+    /// Accepted so an edgecore section can be pasted as is; QUIC is not supported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<serde_json::Value>,
+
+    // ---- the agent's own keys ----
+    /// Node name (edgecore's `edged.hostnameOverride`); defaults to the host name.
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub log_level: LogLevel,
+    /// Largest cloud message accepted; a bigger one ends the session (it cannot be skipped).
+    pub max_message_bytes: usize,
+    /// Upstream outbox bounds; when full, new messages are refused with an error to the sender.
+    pub outbox_max_messages: usize,
+    pub outbox_max_bytes: usize,
+    /// Bound of each module's inbox; when full, reading from the cloud pauses (back-pressure).
+    pub module_inbox_capacity: usize,
+    /// Random extra wait added to the 2×heartbeat reconnect cooldown, from 0 to this.
+    pub reconnect_jitter: Seconds,
+    /// Default time a local request waits for the cloud's response.
+    pub request_timeout: Seconds,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            enable: true,
+            heartbeat: Seconds(DEFAULT_HEARTBEAT),
+            project_id: DEFAULT_PROJECT_ID.to_owned(),
+            tls_ca_file: PathBuf::from(DEFAULT_TLS_CA_FILE),
+            tls_cert_file: PathBuf::from(DEFAULT_TLS_CERT_FILE),
+            tls_private_key_file: PathBuf::from(DEFAULT_TLS_KEY_FILE),
+            token: String::new(),
+            http_server: String::new(),
+            rotate_certificates: true,
+            message_qps: DEFAULT_MESSAGE_QPS,
+            message_burst: DEFAULT_MESSAGE_BURST,
+            websocket: WebSocket::default(),
+            quic: None,
+            node_name: String::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            log_level: LogLevel::Info,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            outbox_max_messages: DEFAULT_OUTBOX_MAX_MESSAGES,
+            outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
+            module_inbox_capacity: DEFAULT_MODULE_INBOX_CAP,
+            reconnect_jitter: Seconds(DEFAULT_RECONNECT_JITTER),
+            request_timeout: Seconds(DEFAULT_REQUEST_TIMEOUT),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_redacted_json())
+    }
+}
+
+impl Config {
+    /// Reads and parses `path`. Relative certificate paths are taken relative to the file's folder.
+    /// Does not validate: call [`Config::validate`] after applying overrides.
+    ///
+    /// # Errors
+    /// `Config`, naming the file and, where serde can, the key, line and column.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ErrorKind::Config.msg(format!("read {}", path.display())).src(e))?;
+        let mut config = Config::from_json(&text)
+            .map_err(|e| ErrorKind::Config.msg(format!("parse {}", path.display())).src(e))?;
+        if let Some(dir) = path.parent() {
+            config.resolve_relative_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses configuration JSON over the defaults (omitted keys keep their defaults).
+    pub fn from_json(text: &str) -> std::result::Result<Config, serde_json::Error> {
+        let mut config: Config = serde_json::from_str(text)?;
+        if config.node_name.is_empty() {
+            config.node_name = host_name();
+        }
+        Ok(config)
+    }
+
+    fn resolve_relative_paths(&mut self, dir: &Path) {
+        for p in [
+            &mut self.tls_ca_file,
+            &mut self.tls_cert_file,
+            &mut self.tls_private_key_file,
+            &mut self.state_dir,
+        ] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+
+    /// Refuses values the agent cannot run with, naming the key and the reason.
+    ///
+    /// # Errors
+    /// `Config` with context `<key>: <reason>`.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(ErrorKind::Config.msg(format!("{key}: {why}")));
+        if !self.enable {
+            return bad(
+                "enable",
+                "false: edgehub is the hub module, it cannot run disabled".into(),
+            );
+        }
+        if !self.websocket.enable {
+            return bad(
+                "websocket.enable",
+                "false: only the websocket transport is supported".into(),
+            );
+        }
+        if self.quic.as_ref().and_then(|q| q.get("enable")).and_then(|e| e.as_bool()) == Some(true)
+        {
+            return bad("quic.enable", "true: QUIC is not supported, use websocket".into());
+        }
+        if self.heartbeat.0 < Duration::from_millis(10) {
+            return bad(
+                "heartbeat",
+                format!("{:?} is too short (at least 0.01 s)", self.heartbeat.0),
+            );
+        }
+        if self.heartbeat.0 >= CLOUD_KEEPALIVE_TIMEOUT {
+            return bad(
+                "heartbeat",
+                format!(
+                    "{} s is not shorter than CloudHub's {} s keepalive timeout",
+                    self.heartbeat.0.as_secs_f64(),
+                    CLOUD_KEEPALIVE_TIMEOUT.as_secs()
+                ),
+            );
+        }
+        if self.message_qps == 0 {
+            return bad("messageQPS", "0 would block every upstream message forever".into());
+        }
+        if self.message_burst == 0 {
+            return bad("messageBurst", "0 would drop every upstream message".into());
+        }
+        if self.project_id.is_empty() || self.project_id.contains('/') {
+            return bad(
+                "projectID",
+                format!("{:?} must be non-empty without '/'", self.project_id),
+            );
+        }
+        if self.node_name.is_empty() || self.node_name.contains('/') || self.node_name.len() > 253 {
+            return bad(
+                "nodeName",
+                format!("{:?} must be 1-253 chars without '/'", self.node_name),
+            );
+        }
+        validate_server(&self.websocket.server)?;
+        for (key, d) in [
+            ("websocket.handshakeTimeout", self.websocket.handshake_timeout),
+            ("websocket.readDeadline", self.websocket.read_deadline),
+            ("websocket.writeDeadline", self.websocket.write_deadline),
+            ("requestTimeout", self.request_timeout),
+        ] {
+            if d.0 < Duration::from_millis(10) {
+                return bad(key, format!("{:?} is too short (at least 0.01 s)", d.0));
+            }
+        }
+        for (key, n, min) in [
+            ("maxMessageBytes", self.max_message_bytes, 1024),
+            ("outboxMaxMessages", self.outbox_max_messages, 1),
+            ("outboxMaxBytes", self.outbox_max_bytes, 1024),
+            ("moduleInboxCapacity", self.module_inbox_capacity, 1),
+        ] {
+            if n < min {
+                return bad(key, format!("{n} is below the minimum {min}"));
+            }
+        }
+        for (key, path) in [
+            ("tlsCaFile", &self.tls_ca_file),
+            ("tlsCertFile", &self.tls_cert_file),
+            ("tlsPrivateKeyFile", &self.tls_private_key_file),
+        ] {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(ErrorKind::Config.msg(format!("{key}: {}", path.display())).src(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// `wss://<server>/<projectID>/<nodeName>/events` (protocol §2.1).
+    pub fn websocket_url(&self) -> String {
+        format!("wss://{}/{}/{}/events", self.websocket.server, self.project_id, self.node_name)
+    }
+
+    /// Interval of WebSocket pings: a third of the read deadline, so two pongs may be lost
+    /// before the deadline declares the link dead.
+    pub fn ping_interval(&self) -> Duration {
+        self.websocket.read_deadline.0 / 3
+    }
+
+    /// The effective configuration as pretty JSON, with the token redacted.
+    pub fn to_redacted_json(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.token.is_empty() {
+            shown.token = "<redacted>".to_owned();
+        }
+        serde_json::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+fn validate_server(server: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(ErrorKind::Config
+            .msg(format!("websocket.server: {server:?} {why} (expected host:port)")))
+    };
+    if server.is_empty() {
+        return bad("is not set");
+    }
+    if server.contains('/') || server.contains(char::is_whitespace) {
+        return bad("is malformed");
+    }
+    let Some((host, port)) = server.rsplit_once(':') else {
+        return bad("has no port");
+    };
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return bad("has an empty host or an invalid port");
+    }
+    if host.starts_with('[') != host.ends_with(']') {
+        return bad("has unbalanced brackets");
+    }
+    // Resolvable names are checked at dial time (DNS may be down at boot); literal IPs here.
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') && server.to_socket_addrs().is_err() {
+        return bad("is not a valid IPv4 address");
+    }
+    Ok(())
+}
+
+/// The host name, as edgecore's `hostnameOverride` default.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "edge-node".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files_config(dir: &Path) -> String {
+        for f in ["ca.crt", "c.crt", "c.key"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        format!(
+            r#"{{"nodeName":"gw-1","websocket":{{"server":"127.0.0.1:10000"}},
+               "tlsCaFile":"{0}/ca.crt","tlsCertFile":"{0}/c.crt","tlsPrivateKeyFile":"{0}/c.key"}}"#,
+            dir.display()
+        )
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("edgehub-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn omitted_keys_take_edgecore_defaults() {
+        let c = Config::from_json(r#"{"websocket":{"server":"10.0.0.1:10000"}}"#).unwrap();
+        assert_eq!(c.heartbeat.0, Duration::from_secs(15));
+        assert_eq!(c.project_id, DEFAULT_PROJECT_ID);
+        assert_eq!(c.message_qps, 30);
+        assert_eq!(c.message_burst, 60);
+        assert_eq!(c.websocket.handshake_timeout.0, Duration::from_secs(30));
+        assert_eq!(c.websocket.read_deadline.0, Duration::from_secs(15));
+        assert_eq!(c.websocket.write_deadline.0, Duration::from_secs(15));
+        assert!(c.rotate_certificates);
+        assert_eq!(c.tls_ca_file, PathBuf::from(DEFAULT_TLS_CA_FILE));
+        assert!(!c.node_name.is_empty());
+    }
+
+    #[test]
+    fn issue_example_parses_and_builds_the_url() {
+        let c = Config::from_json(
+            r#"{"nodeName": "gw-1", "heartbeat": 15, "stateDir": "/var/lib/edgehub",
+                "websocket": {"server": "10.0.0.1:10000", "readDeadline": 15}, "tlsCaFile": "/x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.websocket_url(),
+            format!("wss://10.0.0.1:10000/{DEFAULT_PROJECT_ID}/gw-1/events")
+        );
+    }
+
+    #[test]
+    fn edgecore_section_with_quic_and_enable_is_accepted() {
+        let c = Config::from_json(
+            r#"{"enable":true,"heartbeat":15,"quic":{"enable":false,"server":"1.2.3.4:10001"},
+                "websocket":{"enable":true,"server":"1.2.3.4:10000"},"httpServer":"https://1.2.3.4:10002",
+                "token":"abc.def.ghi.jkl","rotateCertificates":true,"messageQPS":30,"messageBurst":60}"#,
+        )
+        .unwrap();
+        assert!(c.quic.is_some());
+        assert!(!format!("{c:?}").contains("def.ghi"), "token must be redacted");
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let e = Config::from_json(r#"{"heartbeet": 15}"#).unwrap_err().to_string();
+        assert!(e.contains("heartbeet"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_naming_the_key() {
+        let dir = temp_dir("invalid");
+        let base = files_config(&dir);
+        let ok = Config::from_json(&base).unwrap();
+        ok.validate().unwrap();
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("heartbeat", Box::new(|c| c.heartbeat = Seconds(Duration::ZERO))),
+            ("heartbeat", Box::new(|c| c.heartbeat = Seconds(Duration::from_secs(30)))),
+            ("messageBurst", Box::new(|c| c.message_burst = 0)),
+            ("messageQPS", Box::new(|c| c.message_qps = 0)),
+            ("websocket.server", Box::new(|c| c.websocket.server = "10.0.0.1".into())),
+            ("websocket.server", Box::new(|c| c.websocket.server = "10.0.0.1:99999".into())),
+            ("websocket.server", Box::new(|c| c.websocket.server = "wss://10.0.0.1:1".into())),
+            ("websocket.server", Box::new(|c| c.websocket.server = "300.1.1.1:10000".into())),
+            ("websocket.server", Box::new(|c| c.websocket.server = String::new())),
+            ("tlsCaFile", Box::new(|c| c.tls_ca_file = "/nonexistent/ca.crt".into())),
+            ("tlsPrivateKeyFile", Box::new(|c| c.tls_private_key_file = "/nonexistent/k".into())),
+            (
+                "websocket.readDeadline",
+                Box::new(|c| c.websocket.read_deadline = Seconds(Duration::ZERO)),
+            ),
+            ("nodeName", Box::new(|c| c.node_name = "a/b".into())),
+        ];
+        for (key, mutate) in cases {
+            let mut c = ok.clone();
+            mutate(&mut c);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn negative_or_huge_seconds_are_parse_errors() {
+        assert!(Config::from_json(r#"{"heartbeat": -1}"#).is_err());
+        assert!(Config::from_json(r#"{"heartbeat": "15"}"#).is_err());
+        let c = Config::from_json(r#"{"heartbeat": 0.25}"#).unwrap();
+        assert_eq!(c.heartbeat.0, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn load_names_the_file_and_resolves_relative_paths() {
+        let dir = temp_dir("load");
+        let e = Config::load(&dir.join("missing.json")).unwrap_err().to_string();
+        assert!(e.contains("missing.json"), "{e}");
+        std::fs::write(dir.join("bad.json"), "{\"heartbeat\": }").unwrap();
+        let e = Config::load(&dir.join("bad.json")).unwrap_err().to_string();
+        assert!(e.contains("bad.json") && e.contains("line 1"), "{e}");
+        std::fs::write(dir.join("rel.json"), r#"{"tlsCaFile":"ca.crt"}"#).unwrap();
+        let c = Config::load(&dir.join("rel.json")).unwrap();
+        assert_eq!(c.tls_ca_file, dir.join("ca.crt"));
+    }
+}

@@ -1,0 +1,366 @@
+//! One WebSocket link to CloudHub: dial with a deadline, mutual TLS through native-tls with trust
+//! taken only from `tlsCaFile`, the upgrade with KubeEdge's headers (protocol §2), then framed reads
+//! and writes shared by two threads. Knows nothing of groups, modules or threads of its own.
+//!
+//! Sharing one TLS stream between a reader and a writer: the socket is non-blocking after the
+//! handshake. The reader waits for readability with poll(2) *without* the lock and takes it only to
+//! drain what arrived; the writer takes it only to write, and if the socket buffer is full it
+//! releases the lock while it waits for writability. So a writer never waits behind an idle reader,
+//! and nobody spins.
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::poll::{self, Interest};
+use native_tls::{Certificate, HandshakeError, Identity, Protocol, TlsConnector, TlsStream};
+use std::io;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::http::HeaderValue;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::WebSocket;
+
+/// Small socket-side buffers: messages are small and the device is small.
+const READ_BUFFER_BYTES: usize = 8 << 10;
+/// Largest upgrade-failure body we quote in an error.
+const MAX_QUOTED_BODY: usize = 512;
+
+type Stream = TlsStream<TcpStream>;
+
+/// A whole WebSocket message read from the cloud, or a sign of life.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A text or binary data message (gorilla's `ReadJSON` takes both).
+    Data(Vec<u8>),
+    /// A ping or pong: no payload for us, but proof the link is alive.
+    Control,
+}
+
+/// An established link. `&Link` is shared by the session's reader, writer and heartbeat.
+pub struct Link {
+    ws: Mutex<WebSocket<Stream>>,
+    /// The raw socket (a dup of the one inside TLS): polled for readiness, and shut down to wake
+    /// a reader blocked in poll.
+    socket: TcpStream,
+    write_deadline: Duration,
+    peer: String,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({})", self.peer)
+    }
+}
+
+/// Builds the TLS client from the files named in the config: trust roots only from `tlsCaFile`, the
+/// client identity from `tlsCertFile` and `tlsPrivateKeyFile` (SEC1 `EC PRIVATE KEY`, as KubeEdge
+/// writes it, or PKCS#8). Read on every dial, so a rotated certificate is picked up.
+///
+/// # Errors
+/// `Tls`, naming the config key and file that could not be read or used.
+pub fn tls_connector(config: &Config) -> Result<TlsConnector> {
+    let ca_pem = read_file("tlsCaFile", &config.tls_ca_file)?;
+    let cert_pem = read_file("tlsCertFile", &config.tls_cert_file)?;
+    let key_pem = read_file("tlsPrivateKeyFile", &config.tls_private_key_file)?;
+    let tls_err = |key: &str, path: &Path| ErrorKind::Tls.msg(format!("{key} {}", path.display()));
+
+    let cas = openssl::x509::X509::stack_from_pem(&ca_pem)
+        .map_err(|e| tls_err("tlsCaFile", &config.tls_ca_file).src(e))?;
+    if cas.is_empty() {
+        return Err(tls_err("tlsCaFile", &config.tls_ca_file).src("no PEM certificate in file"));
+    }
+    let cert = openssl::x509::X509::from_pem(&cert_pem)
+        .map_err(|e| tls_err("tlsCertFile", &config.tls_cert_file).src(e))?;
+    let key = openssl::pkey::PKey::private_key_from_pem(&key_pem)
+        .map_err(|e| tls_err("tlsPrivateKeyFile", &config.tls_private_key_file).src(e))?;
+    let matches = cert.public_key().map(|public| public.public_eq(&key)).unwrap_or(false);
+    if !matches {
+        return Err(ErrorKind::Tls.msg(format!(
+            "tlsPrivateKeyFile {} does not belong to the certificate in tlsCertFile {}",
+            config.tls_private_key_file.display(),
+            config.tls_cert_file.display()
+        )));
+    }
+    // native-tls takes only PKCS#8; KubeEdge writes SEC1.
+    let key_pkcs8 = key
+        .private_key_to_pem_pkcs8()
+        .map_err(|e| tls_err("tlsPrivateKeyFile", &config.tls_private_key_file).src(e))?;
+    let identity = Identity::from_pkcs8(&cert_pem, &key_pkcs8)
+        .map_err(|e| tls_err("tlsCertFile", &config.tls_cert_file).src(e))?;
+
+    let mut builder = TlsConnector::builder();
+    builder
+        .identity(identity)
+        .disable_built_in_roots(true)
+        .min_protocol_version(Some(Protocol::Tlsv12));
+    for ca in cas {
+        let der = ca.to_der().map_err(|e| tls_err("tlsCaFile", &config.tls_ca_file).src(e))?;
+        let ca = Certificate::from_der(&der)
+            .map_err(|e| tls_err("tlsCaFile", &config.tls_ca_file).src(e))?;
+        builder.add_root_certificate(ca);
+    }
+    builder.build().map_err(|e| ErrorKind::Tls.msg("build tls client").src(e))
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| ErrorKind::Tls.msg(format!("read {key} {}", path.display())).src(e))
+}
+
+/// Dials CloudHub: TCP connect, TLS handshake and WebSocket upgrade, all within
+/// `websocket.handshakeTimeout`.
+///
+/// # Errors
+/// `Handshake` (resolve, connect or upgrade refused, with the HTTP status and body), `Tls`
+/// (certificates, verification), `Timeout` (the handshake deadline passed).
+pub fn connect(config: &Config, tls: &TlsConnector) -> Result<Link> {
+    let server = &config.websocket.server;
+    let deadline = Instant::now() + config.websocket.handshake_timeout.0;
+    let tcp = dial(server, deadline)?;
+    let socket = tcp.try_clone().map_err(|e| ErrorKind::Io.msg("clone socket").src(e))?;
+    set_timeouts(&tcp, deadline)?;
+
+    let host = host_of(server);
+    let tls_stream = match tls.connect(host, tcp) {
+        Ok(s) => s,
+        Err(HandshakeError::Failure(e)) => {
+            return Err(ErrorKind::Tls.msg(format!("tls handshake with {server}")).src(e));
+        }
+        Err(HandshakeError::WouldBlock(_)) => {
+            return Err(ErrorKind::Timeout.msg(format!("tls handshake with {server}")));
+        }
+    };
+
+    let url = config.websocket_url();
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ErrorKind::Config.msg(format!("websocket url {url}")).src(e))?;
+    let headers = request.headers_mut();
+    for (name, value) in [
+        ("node_id", config.node_name.as_str()),
+        ("project_id", config.project_id.as_str()),
+        ("ConnectionUse", "msg"),
+    ] {
+        let value = HeaderValue::from_str(value)
+            .map_err(|e| ErrorKind::Config.msg(format!("header {name} value {value:?}")).src(e))?;
+        headers.insert(name, value);
+    }
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(config.max_message_bytes))
+        .max_frame_size(Some(config.max_message_bytes));
+    let (ws, _response) =
+        tungstenite::client::client_with_config(request, tls_stream, Some(ws_config))
+            .map_err(|e| upgrade_error(server, e))?;
+
+    // From here on the socket is non-blocking; deadlines are kept by poll(2).
+    let raw = ws.get_ref().get_ref();
+    raw.set_read_timeout(None).map_err(|e| ErrorKind::Io.msg("clear read timeout").src(e))?;
+    raw.set_write_timeout(None).map_err(|e| ErrorKind::Io.msg("clear write timeout").src(e))?;
+    raw.set_nonblocking(true).map_err(|e| ErrorKind::Io.msg("set non-blocking").src(e))?;
+    Ok(Link {
+        ws: Mutex::new(ws),
+        socket,
+        write_deadline: config.websocket.write_deadline.0,
+        peer: server.clone(),
+    })
+}
+
+fn dial(server: &str, deadline: Instant) -> Result<TcpStream> {
+    let addrs = server
+        .to_socket_addrs()
+        .map_err(|e| ErrorKind::Handshake.msg(format!("resolve {server}")).src(e))?;
+    let mut last = ErrorKind::Handshake.msg(format!("resolve {server}: no addresses"));
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::Timeout.msg(format!("connect {server}")));
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true); // small JSON frames: latency over batching
+                return Ok(tcp);
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                last = ErrorKind::Timeout.msg(format!("connect {addr}")).src(e)
+            }
+            Err(e) => last = ErrorKind::Handshake.msg(format!("connect {addr}")).src(e),
+        }
+    }
+    Err(last)
+}
+
+fn set_timeouts(tcp: &TcpStream, deadline: Instant) -> Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    tcp.set_read_timeout(Some(left))
+        .and_then(|_| tcp.set_write_timeout(Some(left)))
+        .map_err(|e| ErrorKind::Io.msg("set handshake timeout").src(e))
+}
+
+/// The host part of `host:port` or `[v6]:port`, as used for certificate verification.
+fn host_of(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn upgrade_error(
+    server: &str,
+    e: tungstenite::HandshakeError<tungstenite::ClientHandshake<Stream>>,
+) -> Error {
+    match e {
+        tungstenite::HandshakeError::Interrupted(_) => {
+            ErrorKind::Timeout.msg(format!("websocket upgrade with {server}"))
+        }
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            let body = String::from_utf8_lossy(&body[..body.len().min(MAX_QUOTED_BODY)]);
+            ErrorKind::Handshake.msg(format!(
+                "websocket upgrade with {server} refused: {} {}",
+                response.status(),
+                body.trim()
+            ))
+        }
+        tungstenite::HandshakeError::Failure(e) => {
+            map_ws_error(e, &format!("websocket upgrade with {server}"))
+        }
+    }
+}
+
+/// Maps tungstenite's errors onto ours: normal endings are `Closed`, timeouts `Timeout`, broken
+/// framing `Protocol`.
+fn map_ws_error(e: tungstenite::Error, doing: &str) -> Error {
+    use tungstenite::Error as W;
+    match e {
+        W::ConnectionClosed | W::AlreadyClosed => ErrorKind::Closed.msg(doing.to_owned()),
+        W::Io(io) => match io.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+                ErrorKind::Timeout.msg(doing.to_owned()).src(io)
+            }
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected => ErrorKind::Closed.msg(doing.to_owned()).src(io),
+            _ => ErrorKind::Io.msg(doing.to_owned()).src(io),
+        },
+        W::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+            // CloudHub never sends a close frame: dropping TCP is its normal close (§2.6).
+            ErrorKind::Closed.msg(doing.to_owned()).src("peer closed without close frame")
+        }
+        W::Tls(e) => ErrorKind::Tls.msg(doing.to_owned()).src(e.to_string()),
+        other => ErrorKind::Protocol.msg(doing.to_owned()).src(other.to_string()),
+    }
+}
+
+fn would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, WebSocket<Stream>> {
+        // A panic elsewhere cannot leave the WebSocket half-updated in a way that matters more
+        // than the session ending, which the panic already causes.
+        self.ws.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The `host:port` this link goes to.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Waits, without holding the stream's lock, until bytes arrive or `timeout` passes.
+    /// Returns `false` on timeout.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool> {
+        poll::wait(&self.socket, Interest::Read, timeout)
+            .map_err(|e| ErrorKind::Io.msg("poll socket").src(e))
+    }
+
+    /// Reads every whole message that has arrived, without blocking, and appends them to `out`.
+    /// Pings are answered by tungstenite. May append nothing (a partial frame, or TLS records that
+    /// carry no data).
+    ///
+    /// # Errors
+    /// `Closed` when the cloud closed or reset; `Protocol` for broken framing or a message over
+    /// `maxMessageBytes` (the stream cannot be resynchronised after either).
+    pub fn read_available(&self, out: &mut Vec<Incoming>) -> Result<()> {
+        let mut ws = self.lock();
+        loop {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(text)) => {
+                    out.push(Incoming::Data(text.as_bytes().to_vec()))
+                }
+                Ok(tungstenite::Message::Binary(bytes)) => out.push(Incoming::Data(bytes.to_vec())),
+                Ok(tungstenite::Message::Close(_)) => {
+                    return Err(ErrorKind::Closed.msg("read").src("close frame from cloud"));
+                }
+                Ok(_) => out.push(Incoming::Control),
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => return Err(map_ws_error(e, "read")),
+            }
+        }
+    }
+
+    /// Sends one JSON text frame within `websocket.writeDeadline`.
+    ///
+    /// # Errors
+    /// `Timeout` when the deadline passed with the frame not fully written; `Closed`/`Io` when the
+    /// socket failed. In either case the caller still owns the message and should put it back.
+    pub fn send_text(&self, text: String) -> Result<()> {
+        self.send(tungstenite::Message::text(text))
+    }
+
+    /// Sends a WebSocket ping; gorilla answers every ping with a pong (protocol §2.6).
+    pub fn send_ping(&self) -> Result<()> {
+        self.send(tungstenite::Message::Ping(Vec::new().into()))
+    }
+
+    fn send(&self, message: tungstenite::Message) -> Result<()> {
+        let deadline = Instant::now() + self.write_deadline;
+        let mut ws = self.lock();
+        match ws.write(message) {
+            Ok(()) => {}
+            // Buffered inside tungstenite; the flush below finishes it.
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(map_ws_error(e, "write")),
+        }
+        loop {
+            match ws.flush() {
+                Ok(()) => return Ok(()),
+                Err(e) if would_block(&e) => {
+                    drop(ws); // let the reader in while the socket buffer drains
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let ready = poll::wait(&self.socket, Interest::Write, left)
+                        .map_err(|e| ErrorKind::Io.msg("poll socket").src(e))?;
+                    if !ready {
+                        return Err(ErrorKind::Timeout
+                            .msg(format!("write deadline {:?} passed", self.write_deadline)));
+                    }
+                    ws = self.lock();
+                }
+                Err(e) => return Err(map_ws_error(e, "write")),
+            }
+        }
+    }
+
+    /// Wakes anyone blocked on this link and makes every further read and write fail. CloudHub
+    /// closes by dropping TCP, so we do the same (no close frame).
+    pub fn shutdown(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_strips_port_and_brackets() {
+        assert_eq!(host_of("10.0.0.1:10000"), "10.0.0.1");
+        assert_eq!(host_of("[::1]:10000"), "::1");
+        assert_eq!(host_of("cloud.example:443"), "cloud.example");
+    }
+}

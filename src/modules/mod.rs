@@ -1,0 +1,164 @@
+//! Edge modules: named threads with a bounded inbox, registered for bus groups (`meta`, `twin`,
+//! `bus`, `taskmanager`). This file holds what every module shares: the [`Hub`] handle through
+//! which a module talks to the cloud (send, request/response, and the one `ack` call), and the
+//! [`Module`] handle that owns the thread. Nothing here is specific to one module.
+
+use crate::error::{ErrorKind, Result};
+use crate::message::Message;
+use crate::outbox::{Outbox, Rejected};
+use crate::router::Pending;
+use crate::status::Status;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Stack of a module thread: modules do small JSON work, not deep recursion.
+pub const MODULE_STACK_BYTES: usize = 256 << 10;
+
+/// A module's way to the cloud. Cheap to clone; holds no socket, so it works (and queues) while
+/// the link is down.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    outbox: Arc<Outbox>,
+    pending: Arc<Pending>,
+    status: Arc<Status>,
+}
+
+impl Hub {
+    pub(crate) fn new(outbox: Arc<Outbox>, pending: Arc<Pending>, status: Arc<Status>) -> Hub {
+        Hub { outbox, pending, status }
+    }
+
+    /// Queues a message for the cloud. It survives disconnects and is written in order.
+    ///
+    /// # Errors
+    /// The outbox is full: the message is handed back with the reason.
+    pub fn send(&self, msg: Message) -> Result<(), Rejected> {
+        self.outbox.push(msg)
+    }
+
+    /// The ACK contract of protocol §4.5 in one call: "I have applied this message". Queues the
+    /// response CloudHub waits for if the message came through its ACK queue (it carries a
+    /// resourceversion, or is a delete), and returns whether one was queued. Call it only after
+    /// the change is durable: an ACK tells the cloud never to send this version again.
+    pub fn ack(&self, msg: &Message) -> bool {
+        if !msg.needs_ack() {
+            return false;
+        }
+        Status::bump(&self.status.acks_sent);
+        self.outbox.push_urgent(msg.ack());
+        true
+    }
+
+    /// Sends `msg` and waits up to `timeout` for the cloud's response (the message whose
+    /// `parent_msg_id` is `msg`'s ID). On timeout the waiter is removed; a late response is then
+    /// treated as an orphan (and still ACKed if it needs one).
+    ///
+    /// # Errors
+    /// `Full` when too many requests wait or the outbox is full; `Timeout` when no response came.
+    pub fn request(&self, msg: Message, timeout: Duration) -> Result<Message> {
+        let id = msg.header.id.clone();
+        let Some(response_rx) = self.pending.register(&id) else {
+            return Err(ErrorKind::Full.msg("too many requests waiting for the cloud"));
+        };
+        if let Err(rejected) = self.outbox.push(msg) {
+            self.pending.cancel(&id);
+            return Err(ErrorKind::Full.msg(rejected.to_string()));
+        }
+        match response_rx.recv_timeout(timeout) {
+            Ok(response) => Ok(response),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                self.pending.cancel(&id);
+                Err(ErrorKind::Timeout
+                    .msg(format!("no response to request {id} within {timeout:?}")))
+            }
+        }
+    }
+
+    /// True while a session with the cloud is up.
+    pub fn is_connected(&self) -> bool {
+        self.status.is_connected()
+    }
+
+    /// Messages waiting to go up.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+}
+
+/// What a module's thread gets: its inbox (cloud messages for its groups, and connection events)
+/// and the hub. The inbox disconnects when the agent stops: that is the module's signal to return.
+pub struct ModuleContext {
+    pub name: String,
+    pub inbox: Receiver<Message>,
+    pub hub: Hub,
+}
+
+/// The body of a module: runs on the module's own thread until its inbox disconnects.
+pub type ModuleBody = Box<dyn FnOnce(ModuleContext) + Send + 'static>;
+
+/// A module to start: its name, the bus groups it receives, and its body.
+pub struct ModuleSpec {
+    pub name: String,
+    pub groups: Vec<&'static str>,
+    pub body: ModuleBody,
+}
+
+impl ModuleSpec {
+    pub fn new(
+        name: impl Into<String>,
+        groups: &[&'static str],
+        body: impl FnOnce(ModuleContext) + Send + 'static,
+    ) -> ModuleSpec {
+        ModuleSpec { name: name.into(), groups: groups.to_vec(), body: Box::new(body) }
+    }
+}
+
+/// A running module: its thread, and the sending end of its inbox until the router takes it.
+pub struct Module {
+    pub name: String,
+    pub groups: Vec<&'static str>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Module {
+    /// Starts `spec` on a thread named `eh-<name>` with an inbox of `inbox_cap` messages.
+    /// Returns the handle and the inbox's sender, which only the router should keep.
+    ///
+    /// # Errors
+    /// `Io` when the thread cannot be spawned.
+    pub fn spawn(
+        spec: ModuleSpec,
+        inbox_cap: usize,
+        hub: Hub,
+    ) -> Result<(Module, Sender<Message>)> {
+        let (inbox_tx, inbox_rx) = bounded(inbox_cap);
+        let ModuleSpec { name, groups, body } = spec;
+        let context = ModuleContext { name: name.clone(), inbox: inbox_rx, hub };
+        let thread = std::thread::Builder::new()
+            .name(thread_name(&name))
+            .stack_size(MODULE_STACK_BYTES)
+            .spawn(move || body(context))
+            .map_err(|e| ErrorKind::Io.msg(format!("spawn module {name}")).src(e))?;
+        Ok((Module { name, groups, thread: Some(thread) }, inbox_tx))
+    }
+
+    /// Waits for the module's thread to end (after its inbox disconnected).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("bug: module {} panicked", self.name);
+            }
+        }
+    }
+}
+
+/// `eh-<name>`, cut to Linux's 15-byte thread-name limit.
+pub(crate) fn thread_name(name: &str) -> String {
+    let mut n = format!("eh-{name}");
+    while n.len() > 15 {
+        n.pop();
+    }
+    n
+}

@@ -1,0 +1,302 @@
+//! Where each message from the cloud goes: the dispatch table of protocol §3.5 (HEAD), the pending
+//! requests waiting for a response, viaduct's control operations, and the connection events every
+//! module receives. Touches no socket and no file, and never drops a message without saying so.
+//!
+//! Back-pressure: each module's inbox is bounded. When one is full the reader *waits* (logging it
+//! once) instead of dropping (KubeEdge's 100-slot FIFO drops the oldest, §8 W7). The wait pauses
+//! reading from the socket, so TCP flow control slows the cloud down; nothing is lost. A stop
+//! request always interrupts the wait.
+
+use crate::message::{group, operation, Message};
+use crate::outbox::Outbox;
+use crate::status::Status;
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Groups on the edge's side (protocol §1.5): what modules register for.
+pub mod bus_group {
+    pub const META: &str = "meta";
+    pub const TWIN: &str = "twin";
+    pub const BUS: &str = "bus";
+    pub const TASK_MANAGER: &str = "taskmanager";
+    pub const ALL: [&str; 4] = [META, TWIN, BUS, TASK_MANAGER];
+}
+
+/// Upper bound on requests waiting for a response at once.
+pub const MAX_PENDING_REQUESTS: usize = 1024;
+
+/// Where the table sends a message (protocol §3.5, HEAD column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// viaduct control operation: answered here with `response`/`"ack"` (§2.8).
+    Control,
+    /// Carries `parent_msg_id`: goes to the request waiting for it.
+    Response,
+    /// To the module registered for this bus group.
+    Module(&'static str),
+    /// Not deliverable anywhere; the reason is logged and counted.
+    Unroutable(&'static str),
+}
+
+/// The dispatch table. Pure, so it is tested on its own.
+pub fn destination(msg: &Message) -> Destination {
+    if msg.is_control() {
+        return Destination::Control;
+    }
+    match msg.route.group.as_str() {
+        group::RESOURCE | group::FUNC if msg.is_response() => Destination::Response,
+        group::RESOURCE | group::FUNC => Destination::Module(bus_group::META),
+        // HEAD: twin ignores parent_msg_id.
+        group::TWIN => Destination::Module(bus_group::TWIN),
+        group::USER if msg.is_response() => Destination::Response,
+        group::USER => match msg.route.source.as_str() {
+            "router_eventbus" | "router_servicebus" => Destination::Module(bus_group::BUS),
+            _ => Destination::Unroutable("user message from a source other than the router"),
+        },
+        group::TASK_MANAGER => Destination::Module(bus_group::TASK_MANAGER),
+        _ => Destination::Unroutable("unknown group"),
+    }
+}
+
+/// Requests waiting for the cloud's response, keyed by the request's `msg_id`. A waiter removes its
+/// own entry when it gives up, so no timer is left behind per request.
+#[derive(Debug, Default)]
+pub struct Pending {
+    waiters: Mutex<HashMap<String, Sender<Message>>>,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sender<Message>>> {
+        // A map of channel ends: a panic elsewhere cannot leave it half-updated.
+        self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a waiter for the response to `request_id`. `None` when too many are waiting.
+    pub fn register(&self, request_id: &str) -> Option<Receiver<Message>> {
+        let mut waiters = self.lock();
+        if waiters.len() >= MAX_PENDING_REQUESTS {
+            return None;
+        }
+        let (tx, rx) = bounded(1);
+        waiters.insert(request_id.to_owned(), tx);
+        Some(rx)
+    }
+
+    /// Forgets a waiter (it timed out or its request could not be queued).
+    pub fn cancel(&self, request_id: &str) {
+        self.lock().remove(request_id);
+    }
+
+    /// Hands `response` to its waiter. Never blocks (the slot holds one message and each waiter
+    /// gets one response), so the reader cannot deadlock here (protocol §8 W8). Gives the message
+    /// back when nobody waits.
+    pub fn deliver(&self, response: Message) -> Result<(), Box<Message>> {
+        let waiter = self.lock().remove(&response.header.parent_id);
+        match waiter {
+            Some(tx) => tx.try_send(response).map_err(|e| Box::new(e.into_inner())),
+            None => Err(Box::new(response)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The reader was asked to stop while waiting to deliver.
+#[derive(Debug)]
+pub struct Stopped;
+
+/// Dispatches cloud messages to module inboxes, pending requests and the outbox.
+#[derive(Debug)]
+pub struct Router {
+    /// Every module: its name, its first group (for connection events) and its inbox.
+    modules: Vec<(String, &'static str, Sender<Message>)>,
+    /// Bus group → index into `modules`.
+    groups: HashMap<&'static str, usize>,
+    pending: Arc<Pending>,
+    outbox: Arc<Outbox>,
+    status: Arc<Status>,
+}
+
+impl Router {
+    /// `modules`: name, first group and inbox of each module; `groups`: bus group → module index.
+    pub fn new(
+        modules: Vec<(String, &'static str, Sender<Message>)>,
+        groups: HashMap<&'static str, usize>,
+        pending: Arc<Pending>,
+        outbox: Arc<Outbox>,
+        status: Arc<Status>,
+    ) -> Router {
+        Router { modules, groups, pending, outbox, status }
+    }
+
+    /// Routes one message from the cloud. Blocks only while a module inbox is full, and returns
+    /// `Err(Stopped)` if `stop` fires (or is dropped) during that wait.
+    pub fn dispatch(&self, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
+        match destination(&msg) {
+            Destination::Control => {
+                log::debug!("answering control operation {msg:?}");
+                Status::bump(&self.status.control_answered);
+                self.outbox.push_urgent(msg.control_ack());
+                Ok(())
+            }
+            Destination::Response => match self.pending.deliver(msg) {
+                Ok(()) => Ok(()),
+                Err(msg)
+                    if msg.route.operation != operation::RESPONSE
+                        && matches!(msg.route.group.as_str(), group::RESOURCE | group::FUNC) =>
+                {
+                    // A request that happens to carry a parent is still a request (§8 W11).
+                    self.deliver(bus_group::META, *msg, stop)
+                }
+                Err(msg) => {
+                    self.orphan(*msg);
+                    Ok(())
+                }
+            },
+            Destination::Module(bus) => self.deliver(bus, msg, stop),
+            Destination::Unroutable(why) => {
+                log::warn!("dropping message from cloud: {why}: {msg:?}");
+                Status::bump(&self.status.unroutable);
+                Ok(())
+            }
+        }
+    }
+
+    /// A response nobody waits for. If it travelled in the cloud's ACK queue it is still ACKed,
+    /// or CloudHub would re-send it every 5 s forever (protocol §8 W9).
+    fn orphan(&self, msg: Message) {
+        Status::bump(&self.status.orphan_responses);
+        if msg.needs_ack() {
+            log::info!("acking response nobody waits for (requester gone): {msg:?}");
+            self.outbox.push_urgent(msg.ack());
+        } else {
+            log::info!("dropping response nobody waits for: {msg:?}");
+        }
+    }
+
+    fn deliver(&self, bus: &'static str, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
+        let Some(&index) = self.groups.get(bus) else {
+            // Not ACKed: the cloud keeps it (if it is an ack-queue message) for when a module exists.
+            log::warn!("no module registered for group {bus}; dropping {msg:?}");
+            Status::bump(&self.status.unroutable);
+            return Ok(());
+        };
+        self.deliver_to(index, msg, stop)
+    }
+
+    fn deliver_to(&self, index: usize, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
+        let (module, _, inbox) = &self.modules[index];
+        let msg = match inbox.try_send(msg) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Disconnected(msg)) => {
+                log::error!("module {module} has stopped; dropping {msg:?}");
+                Status::bump(&self.status.unroutable);
+                return Ok(());
+            }
+            Err(TrySendError::Full(msg)) => msg,
+        };
+        log::warn!("module {module} inbox full; pausing reads from the cloud until it catches up");
+        select! {
+            send(inbox, msg) -> sent => {
+                if let Err(e) = sent {
+                    log::error!("module {module} has stopped; dropping {:?}", e.into_inner());
+                    Status::bump(&self.status.unroutable);
+                }
+                Ok(())
+            }
+            recv(stop) -> _ => Err(Stopped),
+        }
+    }
+
+    /// Tells every module, once each, that the cloud link came up or went down (protocol §3.3;
+    /// KubeEdge ref told `meta` twice, §8 W16). Waits for full inboxes like [`Router::dispatch`].
+    pub fn broadcast_connection(
+        &self,
+        connected: bool,
+        stop: &Receiver<()>,
+    ) -> Result<(), Stopped> {
+        for (index, (_, group, _)) in self.modules.iter().enumerate() {
+            self.deliver_to(index, Message::connection_event(group, connected), stop)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Route;
+
+    fn m(group: &str, source: &str, operation: &str, parent: &str) -> Message {
+        let mut msg = Message::with_text(
+            Route {
+                source: source.into(),
+                group: group.into(),
+                operation: operation.into(),
+                resource: "default/pod/p".into(),
+                ..Route::default()
+            },
+            "x",
+        );
+        msg.header.parent_id = parent.into();
+        msg
+    }
+
+    /// KubeEdge HEAD's TestDispatch cases (protocol §7.2), plus the control operations.
+    #[test]
+    fn dispatch_table_matches_kubeedge_head() {
+        use Destination::*;
+        let cases = [
+            (m("edged", "", "update", ""), Unroutable("unknown group")),
+            (m("twin", "", "update", "p1"), Module("twin")),
+            (m("twin", "", "update", ""), Module("twin")),
+            (m("user", "router_eventbus", "publish", ""), Module("bus")),
+            (m("user", "router_servicebus", "GET", ""), Module("bus")),
+            (m("user", "router_servicebus", "response", "p1"), Response),
+            (
+                m("user", "someone", "publish", ""),
+                Unroutable("user message from a source other than the router"),
+            ),
+            (m("resource", "edgecontroller", "insert", ""), Module("meta")),
+            (m("func", "x", "update", ""), Module("meta")),
+            (m("func", "x", "response", "p1"), Response),
+            (m("resource", "edgecontroller", "response", "p1"), Response),
+            (m("taskmanager", "x", "upgrade", "p1"), Module("taskmanager")),
+            (m("resource", "x", "ping", ""), Control),
+            (m("resource", "x", "config", ""), Control),
+            (m("", "x", "pong", ""), Control),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(destination(&msg), want, "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn pending_delivers_once_and_cancel_leaves_nothing() {
+        let p = Pending::default();
+        let rx = p.register("req-1").unwrap();
+        let resp = m("resource", "edgecontroller", "response", "req-1");
+        p.deliver(resp.clone()).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), resp);
+        assert!(p.deliver(resp).is_err(), "second response to the same request is an orphan");
+        let _rx2 = p.register("req-2").unwrap();
+        p.cancel("req-2");
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let p = Pending::default();
+        let keep: Vec<_> =
+            (0..MAX_PENDING_REQUESTS).map(|i| p.register(&i.to_string()).unwrap()).collect();
+        assert!(p.register("one-more").is_none());
+        drop(keep);
+    }
+}
