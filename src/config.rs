@@ -28,6 +28,7 @@ pub const DEFAULT_OUTBOX_MAX_BYTES: usize = 16 << 20;
 pub const DEFAULT_MODULE_INBOX_CAP: usize = 256;
 pub const DEFAULT_RECONNECT_JITTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_NODE_STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// CloudHub closes a node that sent no keepalive for this long (protocol §4.3).
 pub const CLOUD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -151,6 +152,8 @@ pub struct Config {
     pub reconnect_jitter: Seconds,
     /// Default time a local request waits for the cloud's response.
     pub request_timeout: Seconds,
+    /// How often the node status is reported (also at every connect).
+    pub node_status_interval: Seconds,
 }
 
 impl Default for Config {
@@ -178,6 +181,7 @@ impl Default for Config {
             module_inbox_capacity: DEFAULT_MODULE_INBOX_CAP,
             reconnect_jitter: Seconds(DEFAULT_RECONNECT_JITTER),
             request_timeout: Seconds(DEFAULT_REQUEST_TIMEOUT),
+            node_status_interval: Seconds(DEFAULT_NODE_STATUS_INTERVAL),
         }
     }
 }
@@ -289,6 +293,7 @@ impl Config {
             ("websocket.readDeadline", self.websocket.read_deadline),
             ("websocket.writeDeadline", self.websocket.write_deadline),
             ("requestTimeout", self.request_timeout),
+            ("nodeStatusInterval", self.node_status_interval),
         ] {
             if d.0 < Duration::from_millis(10) {
                 return bad(key, format!("{:?} is too short (at least 0.01 s)", d.0));

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building edgehub needs on a fresh Debian machine: a Rust toolchain is assumed
+# (cargo on PATH); OpenSSL headers and pkg-config come from Debian's packages. Idempotent.
+set -euo pipefail
+
+need_apt=()
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+if ! pkg-config --exists openssl 2>/dev/null; then need_apt+=(libssl-dev); fi
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq || true   # a broken foreign-arch index must not stop us
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust (rustup or Debian's cargo) first" >&2
+  exit 1
+fi
