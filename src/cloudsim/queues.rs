@@ -1,0 +1,264 @@
+//! The simulator's per-node downstream state, kept free of sockets so its rules can be tested on
+//! their own: how CloudHub sorts a message into the no-ack or the ack queue (protocol §4.4), and the
+//! ack queue's one-in-flight, resend, give-up and requeue timing. The connection thread in `conn`
+//! asks it what to write next and tells it about ACKs and new connections.
+
+use crate::message::{group, operation, Message};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Resource substrings that put a message in the no-ack queue (ref `isListResource`).
+const NO_ACK_RESOURCE_PARTS: [&str; 4] =
+    ["podlist", "membership", "twin/cloud_updated", "serviceaccounttoken"];
+/// CSI volume operations, also no-ack at ref.
+const VOLUME_OPERATIONS: [&str; 4] =
+    ["createvolume", "deletevolume", "controllerpublishvolume", "controllerunpublishvolume"];
+
+/// Where CloudHub puts a downstream message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Sent once, in order, never retried.
+    NoAck,
+    /// Sent one at a time per node and re-sent until the edge ACKs it.
+    Ack,
+    /// Neither: CloudHub drops it. Carries the reason.
+    Drop(&'static str),
+}
+
+/// Classifies a downstream message the way CloudHub does (ref `isListResource` plus HEAD's
+/// `noAckRequired` rule that an edgecontroller `node` update is acked). `resource` is the wire form
+/// `ns/type/name`, so its type is the second segment.
+pub fn classify(msg: &Message) -> Class {
+    let route = &msg.route;
+    let resource_type = route.resource.split('/').nth(1).unwrap_or("");
+    let no_ack = NO_ACK_RESOURCE_PARTS.iter().any(|part| route.resource.contains(part))
+        || VOLUME_OPERATIONS.contains(&route.operation.as_str())
+        || route.operation == "applicationResponse"
+        || (route.operation == operation::RESPONSE
+            && msg.content_text().as_deref() == Some(crate::message::CONTENT_OK))
+        || route.group == group::USER
+        || (route.source == "edgecontroller"
+            && resource_type == "node"
+            && route.operation != operation::UPDATE);
+    if no_ack {
+        Class::NoAck
+    } else if msg.needs_ack() {
+        Class::Ack
+    } else {
+        Class::Drop("ack-queue message without resourceversion and not a delete")
+    }
+}
+
+/// One downstream WebSocket message waiting to be written.
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    /// The message ID for events; empty for raw frames.
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+    pub binary: bool,
+    /// Split into `fragment_size` frames when longer (JSON messages); raw frames go out whole.
+    pub may_fragment: bool,
+}
+
+impl Downstream {
+    pub fn message(msg: &Message) -> Downstream {
+        Downstream {
+            msg_id: msg.header.id.clone(),
+            payload: msg.encode().into_bytes(),
+            binary: false,
+            may_fragment: true,
+        }
+    }
+}
+
+/// The ack-queue message currently waiting for its ACK.
+#[derive(Clone, Debug)]
+struct InFlight {
+    msg: Message,
+    /// Writes so far on the current connection.
+    writes: u32,
+    /// When the next write (or the give-up) is due.
+    due: Instant,
+}
+
+/// What the ack queue wants done now.
+#[derive(Debug)]
+pub enum AckStep {
+    /// Write this message; `attempt` counts writes since it became in flight (from 1).
+    Write { item: Downstream, attempt: u32 },
+    /// `ack_max_writes` writes went unanswered: the message went to the back of the queue.
+    GaveUp { msg_id: String },
+}
+
+/// Timing of the ack queue, from `SimConfig`.
+#[derive(Clone, Copy, Debug)]
+pub struct AckTiming {
+    pub retry_interval: Duration,
+    pub max_writes: u32,
+    pub requeue_delay: Duration,
+}
+
+/// A node's downstream queues. They outlive connections: a message pushed while the node is away
+/// waits, and the in-flight ack message is written again on the next connection.
+#[derive(Debug, Default)]
+pub struct NodeQueues {
+    no_ack: VecDeque<Downstream>,
+    ack: VecDeque<Message>,
+    in_flight: Option<InFlight>,
+    /// After a give-up the sender rests, as ref's `sendMsg` sleeps 2 s before the next message.
+    paused_until: Option<Instant>,
+}
+
+impl NodeQueues {
+    pub fn push_no_ack(&mut self, item: Downstream) {
+        self.no_ack.push_back(item);
+    }
+
+    pub fn push_ack(&mut self, msg: Message) {
+        self.ack.push_back(msg);
+    }
+
+    /// Takes every waiting no-ack message, oldest first.
+    pub fn take_no_ack(&mut self) -> Vec<Downstream> {
+        self.no_ack.drain(..).collect()
+    }
+
+    /// A new connection took over: whatever was in flight may never have reached the edge, so it
+    /// is written again at once with a fresh round of attempts.
+    pub fn on_new_connection(&mut self, now: Instant) {
+        if let Some(in_flight) = &mut self.in_flight {
+            in_flight.writes = 0;
+            in_flight.due = now;
+        }
+    }
+
+    /// An upstream `response` arrived. Returns true when it closes the in-flight message.
+    pub fn on_response(&mut self, parent_id: &str) -> bool {
+        let matches = self.in_flight.as_ref().is_some_and(|f| f.msg.header.id == parent_id);
+        if matches {
+            self.in_flight = None;
+        }
+        matches
+    }
+
+    /// The ID of the message waiting for its ACK, if any.
+    pub fn in_flight_id(&self) -> Option<&str> {
+        self.in_flight.as_ref().map(|f| f.msg.header.id.as_str())
+    }
+
+    /// Advances the ack queue to `now`: starts the next message, resends, or gives up.
+    pub fn next_ack_step(&mut self, now: Instant, timing: AckTiming) -> Option<AckStep> {
+        if self.in_flight.is_none() {
+            if self.paused_until.is_some_and(|until| now < until) {
+                return None;
+            }
+            self.paused_until = None;
+            let msg = self.ack.pop_front()?;
+            self.in_flight = Some(InFlight { msg, writes: 0, due: now });
+        }
+        let in_flight = self.in_flight.as_mut()?;
+        if now < in_flight.due {
+            return None;
+        }
+        if in_flight.writes >= timing.max_writes {
+            let msg = self.in_flight.take()?.msg;
+            let msg_id = msg.header.id.clone();
+            self.ack.push_back(msg);
+            self.paused_until = Some(now + timing.requeue_delay);
+            return Some(AckStep::GaveUp { msg_id });
+        }
+        in_flight.writes += 1;
+        in_flight.due = now + timing.retry_interval;
+        Some(AckStep::Write {
+            item: Downstream::message(&in_flight.msg),
+            attempt: in_flight.writes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{text_content, Route};
+
+    fn msg(source: &str, grp: &str, op: &str, resource: &str, rv: &str) -> Message {
+        let route = Route {
+            source: source.into(),
+            group: grp.into(),
+            operation: op.into(),
+            resource: resource.into(),
+            ..Route::default()
+        };
+        let mut m = Message::new(route, text_content("x"));
+        m.header.resource_version = rv.into();
+        m
+    }
+
+    #[test]
+    fn classification_follows_cloudhub() {
+        let ec = "edgecontroller";
+        assert_eq!(classify(&msg(ec, "resource", "insert", "default/pod/p", "5")), Class::Ack);
+        assert_eq!(classify(&msg(ec, "resource", "delete", "default/pod/p", "")), Class::Ack);
+        assert!(matches!(
+            classify(&msg(ec, "resource", "update", "default/pod/p", "")),
+            Class::Drop(_)
+        ));
+        assert_eq!(classify(&msg(ec, "resource", "query", "default/podlist", "")), Class::NoAck);
+        assert_eq!(
+            classify(&msg("devicecontroller", "twin", "update", "membership", "")),
+            Class::NoAck
+        );
+        assert_eq!(classify(&msg("router", "user", "publish", "topic", "")), Class::NoAck);
+        assert_eq!(classify(&msg(ec, "resource", "insert", "default/node/n1", "7")), Class::NoAck);
+        assert_eq!(classify(&msg(ec, "resource", "update", "default/node/n1", "7")), Class::Ack);
+        let mut ok = msg(ec, "resource", "response", "default/node/n1", "");
+        ok.content = text_content("OK");
+        assert_eq!(classify(&ok), Class::NoAck);
+        let mut resp = msg(ec, "resource", "response", "default/configmap/c", "9");
+        resp.content = text_content("{}");
+        assert_eq!(classify(&resp), Class::Ack);
+    }
+
+    #[test]
+    fn ack_queue_keeps_one_in_flight_resends_and_requeues() {
+        let timing = AckTiming {
+            retry_interval: Duration::from_secs(5),
+            max_writes: 2,
+            requeue_delay: Duration::from_secs(2),
+        };
+        let (a, b) = (
+            msg("e", "resource", "insert", "ns/pod/a", "1"),
+            msg("e", "resource", "insert", "ns/pod/b", "1"),
+        );
+        let mut q = NodeQueues::default();
+        q.push_ack(a.clone());
+        q.push_ack(b.clone());
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        assert!(
+            matches!(q.next_ack_step(t0, timing), Some(AckStep::Write { attempt: 1, ref item }) if item.msg_id == a.header.id)
+        );
+        assert!(q.next_ack_step(t0 + s, timing).is_none(), "b must wait for a");
+        assert!(matches!(
+            q.next_ack_step(t0 + 5 * s, timing),
+            Some(AckStep::Write { attempt: 2, .. })
+        ));
+        assert!(
+            matches!(q.next_ack_step(t0 + 10 * s, timing), Some(AckStep::GaveUp { ref msg_id }) if *msg_id == a.header.id)
+        );
+        assert!(q.next_ack_step(t0 + 11 * s, timing).is_none(), "paused after a give-up");
+        assert!(
+            matches!(q.next_ack_step(t0 + 12 * s, timing), Some(AckStep::Write { ref item, .. }) if item.msg_id == b.header.id)
+        );
+        assert!(!q.on_response(&a.header.id), "a is not in flight any more");
+        assert!(q.on_response(&b.header.id));
+        assert!(
+            matches!(q.next_ack_step(t0 + 12 * s, timing), Some(AckStep::Write { ref item, attempt: 1 }) if item.msg_id == a.header.id)
+        );
+        q.on_new_connection(t0 + 13 * s);
+        assert!(matches!(
+            q.next_ack_step(t0 + 13 * s, timing),
+            Some(AckStep::Write { attempt: 1, .. })
+        ));
+    }
+}
