@@ -140,6 +140,7 @@ fn serve(args: &Args) -> Result<(), Failure> {
     init_logging(args.verbose);
     let cfg = sim_config(args)?;
     let sim = CloudSim::start(cfg).map_err(|e| Failure::Runtime(e.to_string()))?;
+    eprintln!("edgehub-cloudsim: listening on {}", sim.addr());
     // First line, before any event: tells a script which port `--listen 127.0.0.1:0` got.
     let listening = format!(r#"{{"event":"listening","addr":"{}"}}"#, sim.addr());
     let mut out = io::stdout().lock();

@@ -7,12 +7,18 @@ use crate::message::{group, operation, Message};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Resource substrings that put a message in the no-ack queue (ref `isListResource`).
-const NO_ACK_RESOURCE_PARTS: [&str; 4] =
-    ["podlist", "membership", "twin/cloud_updated", "serviceaccounttoken"];
+/// Resource substrings that put a message in the no-ack queue (ref `isListResource`; HEAD adds
+/// `k8s/ca.crt`).
+const NO_ACK_RESOURCE_PARTS: [&str; 5] =
+    ["podlist", "membership", "twin/cloud_updated", "serviceaccounttoken", "k8s/ca.crt"];
 /// CSI volume operations, also no-ack at ref.
 const VOLUME_OPERATIONS: [&str; 4] =
     ["createvolume", "deletevolume", "controllerpublishvolume", "controllerunpublishvolume"];
+/// Sources whose messages are never acked (HEAD `noAckRequired`).
+const NO_ACK_SOURCES: [&str; 2] = ["taskmanager", "nodeupgradejobcontroller"];
+/// Resource types of edgecontroller messages that are never acked (HEAD `noAckRequired`).
+const NO_ACK_EDGECONTROLLER_TYPES: [&str; 5] =
+    ["lease", "nodepatch", "podpatch", "podstatus", "certificatesigningrequest"];
 
 /// Where CloudHub puts a downstream message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,21 +31,27 @@ pub enum Class {
     Drop(&'static str),
 }
 
-/// Classifies a downstream message the way CloudHub does (ref `isListResource` plus HEAD's
-/// `noAckRequired` rule that an edgecontroller `node` update is acked). `resource` is the wire form
-/// `ns/type/name`, so its type is the second segment.
+/// Classifies a downstream message the way CloudHub does: ref's `isListResource` together with
+/// HEAD's `noAckRequired` additions (protocol §4.4), so that whatever either version would
+/// deliver, the simulator delivers. `resource` is the wire form `ns/type/name`, so its type is
+/// the second segment.
 pub fn classify(msg: &Message) -> Class {
     let route = &msg.route;
     let resource_type = route.resource.split('/').nth(1).unwrap_or("");
+    let from_edgecontroller = route.source == "edgecontroller";
     let no_ack = NO_ACK_RESOURCE_PARTS.iter().any(|part| route.resource.contains(part))
         || VOLUME_OPERATIONS.contains(&route.operation.as_str())
+        || NO_ACK_SOURCES.contains(&route.source.as_str())
         || route.operation == "applicationResponse"
+        || route.operation == operation::ERROR
         || (route.operation == operation::RESPONSE
             && msg.content_text().as_deref() == Some(crate::message::CONTENT_OK))
         || route.group == group::USER
-        || (route.source == "edgecontroller"
-            && resource_type == "node"
-            && route.operation != operation::UPDATE);
+        || (from_edgecontroller && resource_type == "node" && route.operation != operation::UPDATE)
+        || (from_edgecontroller && NO_ACK_EDGECONTROLLER_TYPES.contains(&resource_type))
+        || (from_edgecontroller
+            && resource_type == "pod"
+            && route.operation == operation::RESPONSE);
     if no_ack {
         Class::NoAck
     } else if msg.needs_ack() {
@@ -217,6 +229,12 @@ mod tests {
         let mut resp = msg(ec, "resource", "response", "default/configmap/c", "9");
         resp.content = text_content("{}");
         assert_eq!(classify(&resp), Class::Ack);
+        assert_eq!(
+            classify(&msg("taskmanager", "taskmanager", "upgrade", "task/1", "")),
+            Class::NoAck
+        );
+        assert_eq!(classify(&msg(ec, "resource", "update", "default/lease/n1", "")), Class::NoAck);
+        assert_eq!(classify(&msg(ec, "resource", "response", "default/pod/p", "3")), Class::NoAck);
     }
 
     #[test]
