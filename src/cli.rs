@@ -5,7 +5,7 @@
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::error::{ErrorKind, Result};
-use crate::modules::ModuleSpec;
+use crate::modules::{meta_store, node_status, ModuleSpec};
 use argh::FromArgs;
 use std::path::PathBuf;
 
@@ -91,9 +91,13 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
 }
 
-/// The modules `edgehub run` starts.
-pub fn builtin_modules(_config: &Config) -> Vec<ModuleSpec> {
-    Vec::new()
+/// The modules `edgehub run` starts: the durable resource store (group `meta`, ACKs what it
+/// stored) and the node status reporter.
+pub fn builtin_modules(config: &Config) -> Vec<ModuleSpec> {
+    vec![
+        meta_store::spec(config.state_dir.clone()),
+        node_status::spec(config.node_name.clone(), config.node_status_interval.0),
+    ]
 }
 
 /// Runs the parsed command. Returns the process exit code on success.

@@ -3,6 +3,9 @@
 //! which a module talks to the cloud (send, request/response, and the one `ack` call), and the
 //! [`Module`] handle that owns the thread. Nothing here is specific to one module.
 
+pub mod meta_store;
+pub mod node_status;
+
 use crate::error::{ErrorKind, Result};
 use crate::message::Message;
 use crate::outbox::{Outbox, Rejected};
