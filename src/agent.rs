@@ -48,33 +48,24 @@ impl Agent {
         let pending = Arc::new(Pending::default());
         let hub = Hub::new(outbox.clone(), pending.clone(), status.clone());
 
+        // Check every registration before starting any thread, so a bad list starts nothing.
+        let groups = group_table(&modules)?;
         let mut inboxes = Vec::new();
-        let mut groups: HashMap<&'static str, usize> = HashMap::new();
         let mut running = Vec::new();
         for spec in modules {
-            for group in &spec.groups {
-                if !bus_group::ALL.contains(group) {
-                    return Err(ErrorKind::Config.msg(format!(
-                        "module {} registers for {group:?}, which is not one of {:?}",
-                        spec.name,
-                        bus_group::ALL
-                    )));
-                }
-                if let Some(&other) = groups.get(group) {
-                    let (other, _, _) = &inboxes[other];
-                    return Err(ErrorKind::Config.msg(format!(
-                        "modules {other} and {} both register for group {group}",
-                        spec.name
-                    )));
-                }
-                groups.insert(group, inboxes.len());
-            }
             let first_group = spec.groups.first().copied().unwrap_or("");
-            let (module, inbox_tx) =
-                Module::spawn(spec, config.module_inbox_capacity, hub.clone())?;
-            log::info!("module {} started for groups {:?}", module.name, module.groups);
-            inboxes.push((module.name.clone(), first_group, inbox_tx));
-            running.push(module);
+            match Module::spawn(spec, config.module_inbox_capacity, hub.clone()) {
+                Ok((module, inbox_tx)) => {
+                    log::info!("module {} started for groups {:?}", module.name, module.groups);
+                    inboxes.push((module.name.clone(), first_group, inbox_tx));
+                    running.push(module);
+                }
+                Err(e) => {
+                    drop(inboxes); // the started modules see their inbox close and return
+                    running.into_iter().for_each(Module::join);
+                    return Err(e);
+                }
+            }
         }
 
         let router = Router::new(inboxes, groups, pending, outbox.clone(), status.clone());
@@ -154,8 +145,54 @@ impl Agent {
     }
 }
 
+/// Bus group → index of the module that registered for it, refusing unknown groups and groups
+/// claimed twice.
+fn group_table(modules: &[ModuleSpec]) -> Result<HashMap<&'static str, usize>> {
+    let mut groups: HashMap<&'static str, usize> = HashMap::new();
+    for (index, spec) in modules.iter().enumerate() {
+        for group in &spec.groups {
+            if !bus_group::ALL.contains(group) {
+                return Err(ErrorKind::Config.msg(format!(
+                    "module {} registers for {group:?}, which is not one of {:?}",
+                    spec.name,
+                    bus_group::ALL
+                )));
+            }
+            if let Some(&other) = groups.get(group) {
+                return Err(ErrorKind::Config.msg(format!(
+                    "modules {} and {} both register for group {group}",
+                    modules[other].name, spec.name
+                )));
+            }
+            groups.insert(group, index);
+        }
+    }
+    Ok(groups)
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, groups: &[&'static str]) -> ModuleSpec {
+        ModuleSpec::new(name, groups, |_| {})
+    }
+
+    #[test]
+    fn group_table_refuses_unknown_and_doubly_claimed_groups() {
+        let ok = group_table(&[spec("a", &["meta", "twin"]), spec("b", &[]), spec("c", &["bus"])])
+            .unwrap();
+        assert_eq!(ok["meta"], 0);
+        assert_eq!(ok["bus"], 2);
+        let e = group_table(&[spec("a", &["resource"])]).unwrap_err().to_string();
+        assert!(e.contains("\"resource\""), "{e}");
+        let e = group_table(&[spec("a", &["meta"]), spec("b", &["meta"])]).unwrap_err().to_string();
+        assert!(e.contains("modules a and b both register for group meta"), "{e}");
     }
 }

@@ -15,7 +15,9 @@
 //! Files, one concern each: `config` (the JSON file, defaults, validation), `message` (wire
 //! model), `link` (TLS + WebSocket, shared by reader and writer), `poll` (readiness, the only
 //! `unsafe`), `session` (supervisor and session threads), `router` (dispatch table, pending
-//! requests), `outbox` (the bounded upstream queue), `modules` (module threads and the `Hub`),
+//! requests), `outbox` (the bounded upstream queue), `modules` (module threads and the `Hub`;
+//! `modules::meta_store` the durable resource store that ACKs, `modules::node_status` the status
+//! reporter),
 //! `agent` (assembly, start/stop order), `status` (counters), `cli` (command line),
 //! `error` (the error type). `cloudsim` (feature `cloudsim`) is a CloudHub simulator for tests,
 //! the demo and benchmarks; it is never in the device binary.

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Measures the footprint figures issue notes report: stripped release binary size, and for
+# `edgehub run` connected to the simulator with default timing (heartbeat 15 s): VmRSS and VmHWM
+# after IDLE_SECS (default 60), thread count, and CPU seconds used while idle.
+# Usage: scripts/measure-idle.sh [IDLE_SECS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+idle=${1:-60}
+bash scripts/setup.sh
+cargo build --release --quiet --bin edgehub
+cp target/release/edgehub /tmp/edgehub-device-build
+size_device=$(stat -c %s target/release/edgehub)
+cargo build --release --quiet --features cloudsim --bins
+bin=target/release
+work=$(mktemp -d /tmp/edgehub-measure.XXXXXX)
+sim_pid="" agent_pid=""
+trap 'kill $agent_pid $sim_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+"$bin/edgehub-cloudsim" gen-certs --dir "$work/pki" --node measure-gw >/dev/null
+"$bin/edgehub-cloudsim" --listen 127.0.0.1:0 --ca "$work/pki/ca.crt" --cert "$work/pki/server.crt" \
+  --key "$work/pki/server.key" </dev/null >"$work/sim.events" 2>"$work/sim.log" &
+sim_pid=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/sim.log" 2>/dev/null && break; sleep 0.1; done
+addr=$(grep -o 'listening on [0-9.:]*' "$work/sim.log" | awk '{print $3}')
+cat >"$work/config.json" <<JSON
+{"nodeName": "measure-gw", "websocket": {"server": "$addr"}, "stateDir": "state",
+ "tlsCaFile": "pki/ca.crt", "tlsCertFile": "pki/client.crt", "tlsPrivateKeyFile": "pki/client.key"}
+JSON
+/tmp/edgehub-device-build run --config "$work/config.json" 2>"$work/agent.log" &
+agent_pid=$!
+for _ in $(seq 100); do grep -q '"event":"connected"' "$work/sim.events" && break; sleep 0.1; done
+grep -q '"event":"connected"' "$work/sim.events" || { echo "agent did not connect"; cat "$work/agent.log"; exit 1; }
+cpu() { awk '{print $14 + $15}' "/proc/$agent_pid/stat"; }
+cpu0=$(cpu)
+sleep "$idle"
+cpu1=$(cpu)
+ticks=$(getconf CLK_TCK)
+echo "stripped device binary (target/release/edgehub, no simulator): $size_device bytes"
+grep -E '^(VmRSS|VmHWM|Threads)' "/proc/$agent_pid/status" | sed "s/^/after ${idle} s connected: /"
+echo "threads: $(for t in /proc/$agent_pid/task/*; do cat "$t/comm"; done | sort | tr '\n' ' ')"
+echo "cpu while idle: $(awk -v a="$cpu0" -v b="$cpu1" -v t="$ticks" 'BEGIN{printf "%.2f s", (b-a)/t}') over ${idle} s"
+echo "keepalives seen by the cloud: $(grep -c '"operation":"keepalive"' "$work/sim.events")"
+echo "dynamic libraries: $(ldd /tmp/edgehub-device-build | awk '{print $1}' | tr '\n' ' ')"
