@@ -112,7 +112,8 @@ fn every_group_reaches_its_module_and_unroutable_ones_are_counted() {
         }
     }
     // Unknown group and a user message from an unknown source: counted, not delivered, no crash.
-    cloud.sim.push(NODE, cloud_msg("edged", "x", "update", "a/b/c", "5"));
+    // (Resources the cloud sends once, in order with the marker: `membership` is a no-ack kind.)
+    cloud.sim.push(NODE, cloud_msg("edged", "x", "update", "membership/x", ""));
     cloud.sim.push(NODE, cloud_msg("user", "stranger", "publish", "t", ""));
     let marker = cloud_msg("twin", "devicecontroller", "update", "membership/detail", "");
     cloud.sim.push(NODE, marker.clone());

@@ -50,6 +50,11 @@ fn fifty_forced_reconnects_leave_no_thread_behind_and_lose_nothing() {
         );
         cloud.sim.push(NODE, down.clone());
         assert_eq!(next_cloud_message(&probe_rx), down);
+        // Cut only once the ACK is in, or the cloud rightly re-sends `down` next session.
+        cloud.wait_for("ack", |e| {
+            matches!(e, SimEvent::Ack { parent_id, .. } if *parent_id == down.header.id)
+                .then_some(())
+        });
         cloud.wait_received("keepalive", |m| m.route.operation == "keepalive");
         let threads = agent_threads();
         let baseline = baseline.get_or_insert_with(|| threads.clone());
