@@ -20,7 +20,10 @@ pub mod bus_group {
     pub const TWIN: &str = "twin";
     pub const BUS: &str = "bus";
     pub const TASK_MANAGER: &str = "taskmanager";
-    pub const ALL: [&str; 4] = [META, TWIN, BUS, TASK_MANAGER];
+    /// Every wire group the table does not know (custom groups of local apps). Without a module
+    /// registered for it, such messages are unroutable.
+    pub const OTHER: &str = "other";
+    pub const ALL: [&str; 5] = [META, TWIN, BUS, TASK_MANAGER, OTHER];
 }
 
 /// Upper bound on requests waiting for a response at once.
@@ -39,6 +42,8 @@ pub enum Destination {
     Unroutable(&'static str),
 }
 
+const UNKNOWN_GROUP: &str = "unknown group";
+
 /// The dispatch table. Pure, so it is tested on its own.
 pub fn destination(msg: &Message) -> Destination {
     if msg.is_control() {
@@ -55,7 +60,7 @@ pub fn destination(msg: &Message) -> Destination {
             _ => Destination::Unroutable("user message from a source other than the router"),
         },
         group::TASK_MANAGER => Destination::Module(bus_group::TASK_MANAGER),
-        _ => Destination::Unroutable("unknown group"),
+        _ => Destination::Unroutable(UNKNOWN_GROUP),
     }
 }
 
@@ -161,6 +166,12 @@ impl Router {
                 }
             },
             Destination::Module(bus) => self.deliver(bus, msg, stop),
+            Destination::Unroutable(why @ UNKNOWN_GROUP)
+                if self.groups.contains_key(bus_group::OTHER) =>
+            {
+                log::debug!("{why} {:?}: to the module for other groups", msg.route.group);
+                self.deliver(bus_group::OTHER, msg, stop)
+            }
             Destination::Unroutable(why) => {
                 log::warn!("dropping message from cloud: {why}: {msg:?}");
                 Status::bump(&self.status.unroutable);
