@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::modules::{Hub, Module, ModuleSpec};
-use crate::outbox::{Limits, Outbox};
+use crate::outbox::{Limits, Outbox, SpoolOptions};
 use crate::router::{bus_group, Pending, Router};
 use crate::session::Supervisor;
 use crate::status::Status;
@@ -39,12 +39,24 @@ impl Agent {
     pub fn start(config: Config, modules: Vec<ModuleSpec>) -> Result<Agent> {
         let config = Arc::new(config);
         let status = Arc::new(Status::default());
-        let outbox = Arc::new(Outbox::new(Limits {
+        let limits = Limits {
             max_messages: config.outbox_max_messages,
             max_bytes: config.outbox_max_bytes,
             rate_per_sec: config.message_qps,
             burst: config.message_burst,
-        }));
+            full_policy: config.outbox_full_policy,
+            ttl: Some(config.message_ttl.0).filter(|ttl| !ttl.is_zero()),
+            coalesce: config.coalesce_resources.clone(),
+        };
+        let outbox = Arc::new(if config.outbox_spool {
+            let spool = SpoolOptions {
+                dir: config.state_dir.join("spool"),
+                sync_interval: config.spool_sync_interval.0,
+            };
+            Outbox::open(limits, &spool)?
+        } else {
+            Outbox::new(limits)
+        });
         let pending = Arc::new(Pending::default());
         let hub = Hub::new(outbox.clone(), pending.clone(), status.clone());
 
@@ -142,6 +154,7 @@ impl Agent {
         while let Some(module) = self.modules.pop() {
             module.join();
         }
+        self.outbox.flush();
     }
 }
 

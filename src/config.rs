@@ -4,6 +4,7 @@
 //! It holds paths only: it never opens sockets or reads certificate contents.
 
 use crate::error::{ErrorKind, Result};
+use crate::outbox::FullPolicy;
 use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
@@ -24,11 +25,15 @@ pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(15);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgehub";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 << 20;
 pub const DEFAULT_OUTBOX_MAX_MESSAGES: usize = 10_000;
-pub const DEFAULT_OUTBOX_MAX_BYTES: usize = 16 << 20;
+pub const DEFAULT_OUTBOX_MAX_BYTES: usize = 8 << 20;
 pub const DEFAULT_MODULE_INBOX_CAP: usize = 256;
 pub const DEFAULT_RECONNECT_JITTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_NODE_STATUS_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(2 * 3600);
+pub const DEFAULT_SPOOL_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Resource substrings of status-like messages where only the latest unsent one matters.
+pub const DEFAULT_COALESCE: [&str; 3] = ["/nodestatus/", "/podstatus", "/twin/edge_updated"];
 /// CloudHub closes a node that sent no keepalive for this long (protocol §4.3).
 pub const CLOUD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -143,9 +148,22 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Largest cloud message accepted; a bigger one ends the session (it cannot be skipped).
     pub max_message_bytes: usize,
-    /// Upstream outbox bounds; when full, new messages are refused with an error to the sender.
+    /// Upstream outbox bounds (in memory and in the spool alike).
     pub outbox_max_messages: usize,
     pub outbox_max_bytes: usize,
+    /// When the outbox is full: `reject` the new message (its sender gets an error) or
+    /// `dropOldest`. Every drop is counted and logged.
+    pub outbox_full_policy: FullPolicy,
+    /// Keep the outbox on disk under `stateDir/spool`, so it survives a restart.
+    pub outbox_spool: bool,
+    /// How often the spool is fsynced at most: a power cut loses at most this much.
+    pub spool_sync_interval: Seconds,
+    /// Messages older than this are not sent (0: never expire).
+    #[serde(rename = "messageTTL")]
+    pub message_ttl: Seconds,
+    /// Resource substrings of status-like messages: a newer one replaces the unsent older one
+    /// with the same resource and operation.
+    pub coalesce_resources: Vec<String>,
     /// Bound of each module's inbox; when full, reading from the cloud pauses (back-pressure).
     pub module_inbox_capacity: usize,
     /// Random extra wait added to the 2×heartbeat reconnect cooldown, from 0 to this.
@@ -178,6 +196,11 @@ impl Default for Config {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             outbox_max_messages: DEFAULT_OUTBOX_MAX_MESSAGES,
             outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
+            outbox_full_policy: FullPolicy::Reject,
+            outbox_spool: true,
+            spool_sync_interval: Seconds(DEFAULT_SPOOL_SYNC_INTERVAL),
+            message_ttl: Seconds(DEFAULT_MESSAGE_TTL),
+            coalesce_resources: DEFAULT_COALESCE.iter().map(|s| s.to_string()).collect(),
             module_inbox_capacity: DEFAULT_MODULE_INBOX_CAP,
             reconnect_jitter: Seconds(DEFAULT_RECONNECT_JITTER),
             request_timeout: Seconds(DEFAULT_REQUEST_TIMEOUT),

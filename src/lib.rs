@@ -15,7 +15,7 @@
 //! Files, one concern each: `config` (the JSON file, defaults, validation), `message` (wire
 //! model), `link` (TLS + WebSocket, shared by reader and writer), `poll` (readiness, the only
 //! `unsafe`), `session` (supervisor and session threads), `router` (dispatch table, pending
-//! requests), `outbox` (the bounded upstream queue), `modules` (module threads and the `Hub`;
+//! requests), `outbox` (the bounded upstream queue: TTL, latest-wins, full policy), `spool` (its disk copy), `modules` (module threads and the `Hub`;
 //! `modules::meta_store` the durable resource store that ACKs, `modules::node_status` the status
 //! reporter),
 //! `agent` (assembly, start/stop order), `status` (counters), `cli` (command line),
@@ -35,6 +35,7 @@ pub mod outbox;
 mod poll;
 pub mod router;
 pub mod session;
+pub mod spool;
 pub mod status;
 
 #[cfg(feature = "cloudsim")]

@@ -1,41 +1,76 @@
-//! The one bounded upstream queue. Everything modules send to the cloud waits here until the
-//! session's writer has written it to the socket; it outlives sessions, so nothing is lost across a
-//! reconnect. The writer pulls; the outbox never sees the socket and knows nothing of modules.
+//! The one bounded upstream queue (store-and-forward). Everything modules send to the cloud waits
+//! here until the session's writer has written it to the socket; it outlives sessions and, with a
+//! spool, restarts. The writer pulls; the outbox never sees the socket and knows nothing of modules.
 //!
 //! Invariants, true at the start and end of every method:
-//! - `normal` holds at most `max_messages` messages and `max_bytes` encoded bytes, except for
-//!   messages put back after a failed write (they were already accepted and are never dropped);
-//! - a message leaves only through `next()` (taken by the writer) or `put_back()` reverses that;
-//! - `urgent` (ACKs, control answers) is always served before `normal` and skips the rate limit;
-//!   when it is full the oldest urgent message is dropped and counted (the cloud re-sends anything
-//!   it did not see ACKed, protocol §4.4, so losing an ACK costs a resend, not data);
-//! - `normal` is rate limited by a token bucket of `messageQPS` / `messageBurst`.
+//! - `normal` holds at most `max_messages` messages and `max_bytes` encoded bytes, except for a
+//!   message put back after a failed write (already accepted, never dropped for it);
+//! - when a push would break a bound the policy decides: `Reject` hands the new message back to
+//!   its sender, `DropOldest` drops from the head until it fits; every drop is counted and logged;
+//! - a message whose resource matches a coalescing pattern replaces the unsent message with the same
+//!   (resource, operation) in its place in the queue (latest wins), so an outage does not queue
+//!   stale status;
+//! - a message older than `ttl` is never sent: `next()` drops it, counted;
+//! - a message leaves only through `next()` (taken by the writer), `put_back()` reverses that, and
+//!   `sent()` makes it final (only then is its spool record done: a crash in between re-sends it,
+//!   so delivery is at least once, never lost);
+//! - `urgent` (ACKs, control answers) is served first, skips the rate limit and is not spooled:
+//!   when full its oldest is dropped and counted (the cloud re-sends what it did not see ACKed,
+//!   protocol §4.4, so losing an ACK costs a resend, not data);
+//! - `normal` is rate limited by a token bucket of `messageQPS` / `messageBurst`, so a backlog
+//!   drains at that rate after a reconnect, not as a flood.
 
-use crate::message::Message;
+use crate::error::Result;
+use crate::message::{now_millis, Message};
+use crate::spool::Spool;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bound of the urgent lane (ACKs and control answers).
 pub const URGENT_CAP: usize = 4096;
+/// Done records are batched: written when this many are waiting, or when the queue runs empty.
+const DONE_BATCH: usize = 64;
 
 /// Which lane a message travels in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
     /// ACKs and control answers: first, and not rate limited.
     Urgent,
-    /// Everything else modules send: in order, rate limited, bounded.
+    /// Everything else modules send: in order, rate limited, bounded, spooled.
     Normal,
+}
+
+/// What to do when a push would exceed the bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FullPolicy {
+    /// Refuse the new message; its sender gets it back with an error.
+    Reject,
+    /// Drop the oldest queued messages until the new one fits.
+    DropOldest,
+}
+
+/// A message taken by the writer. Hand it back with [`Outbox::put_back`] if the write failed, or
+/// confirm it with [`Outbox::sent`].
+#[derive(Debug)]
+pub struct Taken {
+    pub message: Message,
+    pub lane: Lane,
+    seq: u64,
+    enqueued_ms: i64,
+    spooled: bool,
 }
 
 /// What the writer should do next.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // returned once per message and consumed at once; boxing would allocate per message
 pub enum Next {
-    /// Write this message; on failure hand it back with [`Outbox::put_back`].
-    Ready(Message, Lane),
+    /// Write this message.
+    Ready(Taken),
     /// Messages wait but the rate limit says not yet: try again after this long.
     Wait(Duration),
     /// Nothing to send: wait for the bell.
@@ -58,8 +93,8 @@ impl std::fmt::Display for Rejected {
 
 impl std::error::Error for Rejected {}
 
-/// Bounds and rate of the outbox.
-#[derive(Clone, Copy, Debug)]
+/// Bounds, rate and policies of the outbox.
+#[derive(Clone, Debug)]
 pub struct Limits {
     pub max_messages: usize,
     pub max_bytes: usize,
@@ -67,13 +102,45 @@ pub struct Limits {
     pub rate_per_sec: u32,
     /// Bucket size.
     pub burst: u32,
+    pub full_policy: FullPolicy,
+    /// Messages older than this are not sent. `None`: no expiry.
+    pub ttl: Option<Duration>,
+    /// Resource substrings marking status-like messages where the latest wins.
+    pub coalesce: Vec<String>,
 }
 
-/// Counters of what the outbox refused or dropped (32-bit: works on every target).
+impl Limits {
+    /// Bounds with no policy extras: reject when full, no TTL, no coalescing.
+    pub fn simple(max_messages: usize, max_bytes: usize, rate_per_sec: u32, burst: u32) -> Limits {
+        Limits {
+            max_messages,
+            max_bytes,
+            rate_per_sec,
+            burst,
+            full_policy: FullPolicy::Reject,
+            ttl: None,
+            coalesce: Vec::new(),
+        }
+    }
+}
+
+/// Where and how the outbox keeps its disk copy.
+#[derive(Clone, Debug)]
+pub struct SpoolOptions {
+    pub dir: PathBuf,
+    pub sync_interval: Duration,
+}
+
+/// Counters of what the outbox refused, replaced or dropped (32-bit: works on every target).
 #[derive(Debug, Default)]
 pub struct OutboxCounters {
     pub rejected_full: AtomicU32,
+    pub dropped_oldest: AtomicU32,
+    pub expired: AtomicU32,
+    pub coalesced: AtomicU32,
     pub urgent_dropped: AtomicU32,
+    /// Spool writes that failed (disk full, read-only): the message was kept in memory only.
+    pub spool_errors: AtomicU32,
 }
 
 /// The upstream queue. Share it in an `Arc`.
@@ -88,34 +155,123 @@ pub struct Outbox {
 }
 
 #[derive(Debug)]
+struct Entry {
+    message: Message,
+    size: usize,
+    seq: u64,
+    enqueued_ms: i64,
+    spooled: bool,
+    coalesce_key: Option<(String, String)>,
+}
+
+#[derive(Debug)]
 struct State {
     urgent: VecDeque<Message>,
-    normal: VecDeque<(Message, usize)>,
+    /// Ordered by `seq`. Entries are replaced in place (coalescing), never removed from the middle.
+    normal: VecDeque<Entry>,
     normal_bytes: usize,
+    /// (resource, operation) → seq of the queued message with that key.
+    latest: HashMap<(String, String), u64>,
+    next_seq: u64,
     tokens: f64,
     refilled_at: Instant,
+    spool: Option<Spool>,
+    pending_done: Vec<u64>,
+}
+
+impl State {
+    /// The spooled message `seq` is finished (sent, replaced, expired, dropped).
+    fn finish(&mut self, seq: u64) {
+        if self.spool.is_some() {
+            self.pending_done.push(seq);
+            if self.pending_done.len() >= DONE_BATCH {
+                self.flush_done();
+            }
+        }
+    }
+
+    fn flush_done(&mut self) {
+        if let Some(spool) = self.spool.as_mut() {
+            spool.done(&self.pending_done);
+        }
+        self.pending_done.clear();
+    }
+
+    fn pop_front(&mut self) -> Option<Entry> {
+        let entry = self.normal.pop_front()?;
+        self.normal_bytes -= entry.size;
+        if let Some(key) = &entry.coalesce_key {
+            if self.latest.get(key) == Some(&entry.seq) {
+                self.latest.remove(key);
+            }
+        }
+        Some(entry)
+    }
 }
 
 impl Outbox {
+    /// An in-memory outbox.
     pub fn new(limits: Limits) -> Outbox {
+        Outbox::build(limits, None, Vec::new())
+    }
+
+    /// An outbox with a disk spool: messages left from a previous run are queued again first
+    /// (those past their TTL are dropped, counted).
+    ///
+    /// # Errors
+    /// `Io` when the spool directory cannot be created or listed.
+    pub fn open(limits: Limits, spool: &SpoolOptions) -> Result<Outbox> {
+        let (spool, recovered) = Spool::open(&spool.dir, spool.sync_interval)?;
+        let recovered: Vec<_> =
+            recovered.into_iter().map(|r| (r.seq, r.enqueued_ms, r.message)).collect();
+        if !recovered.is_empty() {
+            log::info!("outbox: {} message(s) recovered from the spool", recovered.len());
+        }
+        Ok(Outbox::build(limits, Some(spool), recovered))
+    }
+
+    fn build(limits: Limits, spool: Option<Spool>, recovered: Vec<(u64, i64, Message)>) -> Outbox {
         let (bell_tx, bell_rx) = bounded(1);
-        Outbox {
+        let next_seq = recovered.last().map_or(0, |(seq, _, _)| seq + 1);
+        let outbox = Outbox {
             state: Mutex::new(State {
                 urgent: VecDeque::new(),
                 normal: VecDeque::new(),
                 normal_bytes: 0,
+                latest: HashMap::new(),
+                next_seq,
                 tokens: f64::from(limits.burst),
                 refilled_at: Instant::now(),
+                spool,
+                pending_done: Vec::new(),
             }),
             limits,
             bell_tx,
             bell_rx,
             counters: OutboxCounters::default(),
+        };
+        {
+            let mut state = outbox.lock();
+            for (seq, enqueued_ms, message) in recovered {
+                // Re-admitted without the spool write (they are on disk already), in order, with
+                // the current bounds and policy.
+                let entry = outbox.entry(message, seq, enqueued_ms, true);
+                if let Err(entry) = outbox.admit(&mut state, entry) {
+                    log::warn!(
+                        "outbox: recovered {:?} does not fit the bounds; dropped",
+                        entry.message
+                    );
+                    outbox.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
+                    state.finish(entry.seq);
+                }
+            }
+            state.next_seq = state.next_seq.max(next_seq);
         }
+        outbox
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is a pair of queues and numbers updated in single statements; a panic
+        // The state is queues and numbers updated under the lock without panicking paths; a panic
         // elsewhere cannot leave it inconsistent.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -124,37 +280,96 @@ impl Outbox {
         let _ = self.bell_tx.try_send(()); // full means already rung
     }
 
+    fn entry(&self, message: Message, seq: u64, enqueued_ms: i64, spooled: bool) -> Entry {
+        let coalesce_key = self
+            .limits
+            .coalesce
+            .iter()
+            .any(|pattern| message.route.resource.contains(pattern.as_str()))
+            .then(|| (message.route.resource.clone(), message.route.operation.clone()));
+        Entry { size: message.encoded_len_hint(), message, seq, enqueued_ms, spooled, coalesce_key }
+    }
+
+    /// Puts `entry` in the queue: in place of its older twin if it coalesces, else at the back,
+    /// applying the full policy. Returns the entry's index, or hands the entry back when the
+    /// policy refuses it.
+    #[allow(clippy::result_large_err)] // private; the refused entry goes straight back to its sender
+    fn admit(&self, state: &mut State, entry: Entry) -> std::result::Result<usize, Entry> {
+        if let Some(key) = &entry.coalesce_key {
+            // Linear scan: status-like messages are rare, and the queue is bounded.
+            let twin = state
+                .latest
+                .get(key)
+                .and_then(|&seq| state.normal.iter().position(|e| e.seq == seq));
+            if let Some(index) = twin {
+                state.latest.insert(key.clone(), entry.seq);
+                state.normal_bytes = state.normal_bytes - state.normal[index].size + entry.size;
+                let old = std::mem::replace(&mut state.normal[index], entry);
+                log::debug!("outbox: {:?} replaced by a newer one (latest wins)", old.message);
+                self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                if old.spooled {
+                    state.finish(old.seq);
+                }
+                return Ok(index);
+            }
+        }
+        let fits = |state: &State| {
+            state.normal.len() < self.limits.max_messages
+                && state.normal_bytes + entry.size <= self.limits.max_bytes
+        };
+        if !fits(state) {
+            match self.limits.full_policy {
+                FullPolicy::Reject => return Err(entry),
+                FullPolicy::DropOldest => {
+                    while !fits(state) {
+                        let Some(old) = state.pop_front() else { return Err(entry) };
+                        log::warn!("outbox full: dropped oldest {:?}", old.message);
+                        self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                        if old.spooled {
+                            state.finish(old.seq);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(key) = &entry.coalesce_key {
+            state.latest.insert(key.clone(), entry.seq);
+        }
+        state.normal_bytes += entry.size;
+        state.normal.push_back(entry);
+        Ok(state.normal.len() - 1)
+    }
+
     /// The bell the writer waits on when [`Next::Empty`].
     pub fn bell(&self) -> &Receiver<()> {
         &self.bell_rx
     }
 
-    /// Queues a message in the normal lane.
+    /// Queues a message in the normal lane (and in the spool, before returning).
     ///
     /// # Errors
-    /// Hands the message back when the outbox is full (by count or bytes): the policy is to refuse
-    /// new messages, so the sender learns at once and nothing already accepted is dropped.
-    pub fn push(&self, message: Message) -> Result<(), Rejected> {
-        let size = message.encoded_len_hint();
+    /// Under the `Reject` policy, hands the message back when the outbox is full (by count or bytes).
+    pub fn push(&self, message: Message) -> std::result::Result<(), Rejected> {
         let mut state = self.lock();
-        if state.normal.len() >= self.limits.max_messages {
-            drop(state);
-            self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
-            return Err(Rejected {
-                message: Box::new(message),
-                reason: "outbox full (outboxMaxMessages)",
-            });
+        let seq = state.next_seq;
+        let entry = self.entry(message, seq, now_millis(), false);
+        let index = match self.admit(&mut state, entry) {
+            Ok(index) => index,
+            Err(refused) => {
+                drop(state);
+                self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
+                return Err(Rejected { message: Box::new(refused.message), reason: "outbox full" });
+            }
+        };
+        state.next_seq += 1;
+        let State { spool, normal, .. } = &mut *state;
+        if let Some(spool) = spool.as_mut() {
+            let entry = &mut normal[index];
+            entry.spooled = spool.put(entry.seq, entry.enqueued_ms, &entry.message);
+            if !entry.spooled {
+                self.counters.spool_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if state.normal_bytes + size > self.limits.max_bytes {
-            drop(state);
-            self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
-            return Err(Rejected {
-                message: Box::new(message),
-                reason: "outbox full (outboxMaxBytes)",
-            });
-        }
-        state.normal_bytes += size;
-        state.normal.push_back((message, size));
         drop(state);
         self.ring();
         Ok(())
@@ -175,13 +390,35 @@ impl Outbox {
         self.ring();
     }
 
-    /// Takes the next message to write, honouring lane priority and the rate limit.
+    /// Takes the next message to write, honouring lane priority, TTL and the rate limit.
     pub fn next(&self, now: Instant) -> Next {
         let mut state = self.lock();
         if let Some(message) = state.urgent.pop_front() {
-            return Next::Ready(message, Lane::Urgent);
+            return Next::Ready(Taken {
+                message,
+                lane: Lane::Urgent,
+                seq: 0,
+                enqueued_ms: 0,
+                spooled: false,
+            });
+        }
+        if let Some(ttl) = self.limits.ttl {
+            let oldest_allowed = now_millis() - ttl.as_millis() as i64;
+            while state.normal.front().is_some_and(|e| e.enqueued_ms < oldest_allowed) {
+                if let Some(old) = state.pop_front() {
+                    log::warn!("outbox: dropped {:?}, older than messageTTL", old.message);
+                    self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    if old.spooled {
+                        state.finish(old.seq);
+                    }
+                }
+            }
         }
         if state.normal.is_empty() {
+            state.flush_done();
+            if let Some(spool) = state.spool.as_mut() {
+                spool.sync();
+            }
             return Next::Empty;
         }
         let elapsed = now.saturating_duration_since(state.refilled_at).as_secs_f64();
@@ -192,30 +429,56 @@ impl Outbox {
             return Next::Wait(Duration::from_secs_f64((1.0 - state.tokens) / rate));
         }
         state.tokens -= 1.0;
-        match state.normal.pop_front() {
-            Some((message, size)) => {
-                state.normal_bytes -= size;
-                Next::Ready(message, Lane::Normal)
-            }
+        match state.pop_front() {
+            Some(e) => Next::Ready(Taken {
+                message: e.message,
+                lane: Lane::Normal,
+                seq: e.seq,
+                enqueued_ms: e.enqueued_ms,
+                spooled: e.spooled,
+            }),
             None => Next::Empty, // cannot happen: checked non-empty above under the same lock
+        }
+    }
+
+    /// Confirms that a taken message was written: its spool record is done.
+    pub fn sent(&self, taken: Taken) {
+        if taken.lane == Lane::Normal && taken.spooled {
+            self.lock().finish(taken.seq);
         }
     }
 
     /// Returns a message whose write failed to the head of its lane, so it goes first on the
     /// next session (protocol §8 W1: Go loses it). Its rate token is refunded.
-    pub fn put_back(&self, message: Message, lane: Lane) {
+    pub fn put_back(&self, taken: Taken) {
         let mut state = self.lock();
-        match lane {
-            Lane::Urgent => state.urgent.push_front(message),
+        match taken.lane {
+            Lane::Urgent => state.urgent.push_front(taken.message),
             Lane::Normal => {
-                let size = message.encoded_len_hint();
-                state.normal_bytes += size;
-                state.normal.push_front((message, size));
+                let entry = Entry {
+                    size: taken.message.encoded_len_hint(),
+                    coalesce_key: None, // a newer twin, if any, is already queued behind it
+                    message: taken.message,
+                    seq: taken.seq,
+                    enqueued_ms: taken.enqueued_ms,
+                    spooled: taken.spooled,
+                };
+                state.normal_bytes += entry.size;
+                state.normal.push_front(entry);
                 state.tokens = (state.tokens + 1.0).min(f64::from(self.limits.burst));
             }
         }
         drop(state);
         self.ring();
+    }
+
+    /// Writes batched spool records and fsyncs: call before the process exits.
+    pub fn flush(&self) {
+        let mut state = self.lock();
+        state.flush_done();
+        if let Some(spool) = state.spool.as_mut() {
+            spool.sync();
+        }
     }
 
     /// Messages waiting in both lanes.
@@ -232,6 +495,11 @@ impl Outbox {
     pub fn bytes(&self) -> usize {
         self.lock().normal_bytes
     }
+
+    /// Bytes of spool segments on disk (0 without a spool).
+    pub fn spool_bytes(&self) -> u64 {
+        self.lock().spool.as_ref().map_or(0, |s| s.disk_bytes())
+    }
 }
 
 #[cfg(test)]
@@ -243,15 +511,39 @@ mod tests {
         Message::with_text(Route { resource: format!("default/x/{n}"), ..Route::default() }, "v")
     }
 
-    fn limits(max_messages: usize) -> Limits {
-        Limits { max_messages, max_bytes: 1 << 20, rate_per_sec: 1000, burst: 1000 }
+    fn status(value: &str) -> Message {
+        let route = Route {
+            operation: "update".into(),
+            resource: "default/nodestatus/gw".into(),
+            ..Route::default()
+        };
+        Message::with_text(route, value)
     }
 
-    fn take(o: &Outbox) -> Message {
+    fn limits(max_messages: usize) -> Limits {
+        Limits::simple(max_messages, 1 << 20, 1000, 1000)
+    }
+
+    fn take(o: &Outbox) -> Taken {
         match o.next(Instant::now()) {
-            Next::Ready(m, _) => m,
+            Next::Ready(t) => t,
             other => panic!("expected a message, got {other:?}"),
         }
+    }
+
+    fn drain(o: &Outbox) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Next::Ready(t) = o.next(Instant::now()) {
+            out.push(t.message.route.resource.clone());
+            o.sent(t);
+        }
+        out
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("edgehub-outbox-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
     }
 
     #[test]
@@ -263,20 +555,28 @@ mod tests {
         let rejected = o.push(msg(3)).unwrap_err();
         assert_eq!(rejected.message.route.resource, "default/x/3");
         assert_eq!(o.counters.rejected_full.load(Ordering::Relaxed), 1);
-        for n in 0..3 {
-            assert_eq!(take(&o).route.resource, format!("default/x/{n}"));
-        }
+        assert_eq!(drain(&o), ["default/x/0", "default/x/1", "default/x/2"]);
         assert!(matches!(o.next(Instant::now()), Next::Empty));
     }
 
     #[test]
-    fn byte_bound_refuses() {
+    fn byte_bound_refuses_one_byte_over() {
         let size = msg(0).encoded_len_hint();
-        let o = Outbox::new(Limits { max_bytes: 2 * size, ..limits(100) });
+        let o = Outbox::new(Limits::simple(100, 2 * size, 1000, 1000));
         o.push(msg(0)).unwrap();
         o.push(msg(1)).unwrap();
-        assert!(o.push(msg(2)).is_err(), "one byte over the bound is refused");
+        assert!(o.push(msg(2)).is_err());
         assert_eq!(o.bytes(), 2 * size);
+    }
+
+    #[test]
+    fn drop_oldest_policy_keeps_the_newest_and_counts() {
+        let o = Outbox::new(Limits { full_policy: FullPolicy::DropOldest, ..limits(3) });
+        for n in 0..5 {
+            o.push(msg(n)).unwrap();
+        }
+        assert_eq!(o.counters.dropped_oldest.load(Ordering::Relaxed), 2);
+        assert_eq!(drain(&o), ["default/x/2", "default/x/3", "default/x/4"]);
     }
 
     #[test]
@@ -286,42 +586,42 @@ mod tests {
         o.push(msg(1)).unwrap();
         let first = take(&o);
         o.push(msg(2)).unwrap();
-        o.put_back(first, Lane::Normal);
+        o.put_back(first);
         assert_eq!(o.len(), 3);
-        let order: Vec<_> = (0..3).map(|_| take(&o).route.resource).collect();
-        assert_eq!(order, ["default/x/0", "default/x/1", "default/x/2"]);
+        assert_eq!(drain(&o), ["default/x/0", "default/x/1", "default/x/2"]);
     }
 
     #[test]
     fn urgent_goes_before_normal_and_skips_rate_limit() {
-        let o = Outbox::new(Limits { rate_per_sec: 1, burst: 1, ..limits(10) });
+        let o = Outbox::new(Limits::simple(10, 1 << 20, 1, 1));
         o.push(msg(0)).unwrap();
         o.push(msg(1)).unwrap();
         o.push_urgent(msg(9));
         let now = Instant::now();
         assert!(
-            matches!(o.next(now), Next::Ready(m, Lane::Urgent) if m.route.resource == "default/x/9")
+            matches!(o.next(now), Next::Ready(t) if t.lane == Lane::Urgent && t.message.route.resource == "default/x/9")
         );
-        assert!(matches!(o.next(now), Next::Ready(_, Lane::Normal)));
+        assert!(matches!(o.next(now), Next::Ready(t) if t.lane == Lane::Normal));
         match o.next(now) {
             Next::Wait(d) => assert!(d > Duration::from_millis(900) && d <= Duration::from_secs(1)),
             other => panic!("expected wait, got {other:?}"),
         }
         o.push_urgent(msg(8));
-        assert!(matches!(o.next(now), Next::Ready(_, Lane::Urgent)));
-        assert!(matches!(o.next(now + Duration::from_secs(1)), Next::Ready(_, Lane::Normal)));
+        assert!(matches!(o.next(now), Next::Ready(t) if t.lane == Lane::Urgent));
+        assert!(
+            matches!(o.next(now + Duration::from_secs(1)), Next::Ready(t) if t.lane == Lane::Normal)
+        );
     }
 
     #[test]
     fn token_bucket_allows_burst_then_rate() {
-        let o = Outbox::new(Limits { rate_per_sec: 10, burst: 5, ..limits(100) });
+        let o = Outbox::new(Limits::simple(100, 1 << 20, 10, 5));
         for n in 0..20 {
             o.push(msg(n)).unwrap();
         }
         let t0 = Instant::now();
         let burst = (0..20).take_while(|_| matches!(o.next(t0), Next::Ready(..))).count();
         assert_eq!(burst, 5);
-        // 0.5 s later, 5 more tokens.
         let t1 = t0 + Duration::from_millis(500);
         let more = (0..20).take_while(|_| matches!(o.next(t1), Next::Ready(..))).count();
         assert_eq!(more, 5);
@@ -343,6 +643,115 @@ mod tests {
             o.push_urgent(msg(n));
         }
         assert_eq!(o.counters.urgent_dropped.load(Ordering::Relaxed), 1);
-        assert_eq!(take(&o).route.resource, "default/x/1");
+        assert_eq!(take(&o).message.route.resource, "default/x/1");
+    }
+
+    #[test]
+    fn status_coalesces_latest_wins_in_place_and_frees_no_slot() {
+        let o = Outbox::new(Limits { coalesce: vec!["/nodestatus/".into()], ..limits(10) });
+        o.push(msg(0)).unwrap();
+        o.push(status("old")).unwrap();
+        o.push(msg(1)).unwrap();
+        for i in 0..100 {
+            o.push(status(&format!("v{i}"))).unwrap();
+        }
+        assert_eq!(o.len(), 3, "a hundred reports during an outage occupy one slot");
+        assert_eq!(o.counters.coalesced.load(Ordering::Relaxed), 100);
+        let order: Vec<_> = (0..3).map(|_| take(&o).message).collect();
+        assert_eq!(order[1].content_text().as_deref(), Some("v99"));
+        assert_eq!(order[2].route.resource, "default/x/1");
+        // Once the status is taken, a new one queues afresh.
+        o.push(status("after")).unwrap();
+        assert_eq!(o.len(), 1);
+    }
+
+    #[test]
+    fn expired_messages_are_not_sent() {
+        let o = Outbox::new(Limits { ttl: Some(Duration::from_millis(50)), ..limits(10) });
+        o.push(msg(0)).unwrap();
+        {
+            let mut state = o.lock();
+            state.normal[0].enqueued_ms -= 60; // as if queued 60 ms ago
+        }
+        o.push(msg(1)).unwrap();
+        assert_eq!(drain(&o), ["default/x/1"]);
+        assert_eq!(o.counters.expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn spool_keeps_unsent_messages_across_a_restart_in_order() {
+        let dir = temp_dir("restart");
+        let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };
+        let coalescing = Limits { coalesce: vec!["/nodestatus/".into()], ..limits(100) };
+        {
+            let o = Outbox::open(coalescing.clone(), &options).unwrap();
+            for n in 0..5 {
+                o.push(msg(n)).unwrap();
+            }
+            o.push(status("a")).unwrap();
+            o.push(status("b")).unwrap();
+            let sent = take(&o); // x/0 written
+            o.sent(sent);
+            let failed = take(&o); // x/1 taken, write failed, put back
+            o.put_back(failed);
+            o.flush();
+        }
+        let o = Outbox::open(coalescing, &options).unwrap();
+        let left: Vec<_> = std::iter::from_fn(|| match o.next(Instant::now()) {
+            Next::Ready(t) => {
+                let text = t.message.content_text().unwrap_or_default();
+                let r = format!("{}={text}", t.message.route.resource);
+                o.sent(t);
+                Some(r)
+            }
+            _ => None,
+        })
+        .collect();
+        assert_eq!(
+            left,
+            [
+                "default/x/1=v",
+                "default/x/2=v",
+                "default/x/3=v",
+                "default/x/4=v",
+                "default/nodestatus/gw=b"
+            ]
+        );
+        o.flush();
+        drop(o);
+        let o = Outbox::open(limits(100), &options).unwrap();
+        assert!(o.is_empty(), "everything sent is done on disk too");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn recovered_backlog_respects_current_bounds() {
+        let dir = temp_dir("bounds");
+        let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };
+        {
+            let o = Outbox::open(limits(100), &options).unwrap();
+            for n in 0..10 {
+                o.push(msg(n)).unwrap();
+            }
+        }
+        let o = Outbox::open(Limits { full_policy: FullPolicy::DropOldest, ..limits(4) }, &options)
+            .unwrap();
+        assert_eq!(drain(&o), ["default/x/6", "default/x/7", "default/x/8", "default/x/9"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unwritable_spool_dir_keeps_messages_in_memory() {
+        let dir = temp_dir("unwritable");
+        let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };
+        let o = Outbox::open(limits(10), &options).unwrap();
+        // Replace the directory by a file: every segment create now fails.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"not a dir").unwrap();
+        o.push(msg(0)).unwrap();
+        o.push(msg(1)).unwrap();
+        assert!(o.counters.spool_errors.load(Ordering::Relaxed) >= 1);
+        assert_eq!(drain(&o), ["default/x/0", "default/x/1"]);
+        let _ = std::fs::remove_file(&dir);
     }
 }

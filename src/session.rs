@@ -249,12 +249,13 @@ impl Supervisor {
         let mut guard = ExitGuard::new(done, "writer");
         guard.reason = Some(loop {
             match self.outbox.next(Instant::now()) {
-                Next::Ready(msg, lane) => {
-                    log::debug!("to cloud: {msg:?}");
-                    if let Err(e) = link.send_text(msg.encode()) {
-                        self.outbox.put_back(msg, lane);
+                Next::Ready(taken) => {
+                    log::debug!("to cloud: {:?}", taken.message);
+                    if let Err(e) = link.send_text(taken.message.encode()) {
+                        self.outbox.put_back(taken);
                         break ExitReason::Write(e);
                     }
+                    self.outbox.sent(taken);
                     Status::bump(&self.status.messages_up);
                 }
                 Next::Wait(delay) => select! {

@@ -226,7 +226,7 @@ pub fn numbered(seq: u32) -> Message {
             source: "edged".into(),
             group: "meta".into(),
             operation: "update".into(),
-            resource: format!("default/nodestatus/{NODE}"),
+            resource: format!("default/testdata/{NODE}"), // not a coalescing kind: every one counts
             ..Route::default()
         },
         edgehub::message::json_content(&format!(r#"{{"seq":{seq}}}"#)).unwrap(),

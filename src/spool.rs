@@ -1,0 +1,465 @@
+//! The outbox's disk copy: append-only segment files in `<stateDir>/spool`, so messages accepted for
+//! the cloud survive an agent or device restart. Knows records and files, not queues or policies.
+//!
+//! Record: `len: u32 LE | crc32: u32 LE | kind: u8 | seq: u64 LE | enqueued_ms: i64 LE | payload`,
+//! where `len` counts from `kind` to the end, the CRC covers the same bytes, `kind` 1 is a put
+//! (payload = the message's wire JSON) and 2 a done (empty payload: the put with that `seq` was
+//! sent, replaced, expired or dropped). Segments are named `seg-<first seq>.log`; a new process
+//! always starts a new segment, and a segment is deleted once every put in it is done.
+//!
+//! Durability: every record is written with one `write` (so an agent crash loses nothing), and the
+//! segment is fsynced at most every `sync_interval` (so a power cut loses at most that much). A torn
+//! or corrupt tail is detected by length and CRC on open, logged, and cut off; records before it
+//! are kept. A failing disk (full, read-only) is logged and the outbox goes on in memory.
+
+use crate::error::{ErrorKind, Result};
+use crate::message::Message;
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const KIND_PUT: u8 = 1;
+const KIND_DONE: u8 = 2;
+const HEADER_BYTES: usize = 8; // len + crc
+const FIXED_BODY_BYTES: usize = 1 + 8 + 8; // kind + seq + enqueued_ms
+/// Upper bound on one record, so a corrupt length cannot make us allocate gigabytes.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
+/// A segment is closed and a new one started past this size.
+pub const SEGMENT_BYTES: u64 = 1 << 20;
+
+/// A message read back from the spool.
+#[derive(Debug)]
+pub struct Recovered {
+    pub seq: u64,
+    pub enqueued_ms: i64,
+    pub message: Message,
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    /// Puts in this segment not yet done.
+    live: usize,
+}
+
+/// The open spool.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    /// First seq of each segment → segment; the last one is the one being written.
+    segments: BTreeMap<u64, Segment>,
+    file: Option<File>,
+    file_bytes: u64,
+    sync_interval: Duration,
+    last_sync: Instant,
+    dirty: bool,
+    /// Set after a write error; cleared when a write succeeds again. Avoids a log line per message.
+    failing: bool,
+    /// One past the highest seq ever put: names a segment started only to hold done records.
+    next_seq: u64,
+}
+
+/// CRC-32 (IEEE), bitwise: records are small and this avoids a dependency.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+/// Encodes one record.
+pub fn encode_record(kind: u8, seq: u64, enqueued_ms: i64, payload: &[u8]) -> Vec<u8> {
+    let body_len = FIXED_BODY_BYTES + payload.len();
+    let mut out = Vec::with_capacity(HEADER_BYTES + body_len);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // crc, filled below
+    out.push(kind);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&enqueued_ms.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32(&out[HEADER_BYTES..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// One record decoded from a segment.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub kind: u8,
+    pub seq: u64,
+    pub enqueued_ms: i64,
+    pub payload: &'a [u8],
+}
+
+/// Decodes the records of a segment. Returns them and the byte offset where valid data ends:
+/// anything after it (a torn or corrupt tail) is not a record.
+pub fn decode_segment(bytes: &[u8]) -> (Vec<Record<'_>>, usize) {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while bytes.len() - at >= HEADER_BYTES {
+        let len =
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
+        if !(FIXED_BODY_BYTES..=MAX_RECORD_BYTES).contains(&len)
+            || bytes.len() - at - HEADER_BYTES < len
+        {
+            break;
+        }
+        let body = &bytes[at + HEADER_BYTES..at + HEADER_BYTES + len];
+        if crc32(body) != crc {
+            break;
+        }
+        let kind = body[0];
+        if kind != KIND_PUT && kind != KIND_DONE {
+            break;
+        }
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&body[1..9]);
+        let mut ms = [0u8; 8];
+        ms.copy_from_slice(&body[9..17]);
+        records.push(Record {
+            kind,
+            seq: u64::from_le_bytes(seq),
+            enqueued_ms: i64::from_le_bytes(ms),
+            payload: &body[FIXED_BODY_BYTES..],
+        });
+        at += HEADER_BYTES + len;
+    }
+    (records, at)
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("seg-{first_seq:020}.log")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` and reads back every put not yet done, in `seq` order.
+    /// Torn tails are cut off; unreadable segments are logged and set aside, never fatal.
+    ///
+    /// # Errors
+    /// `Io` only when the directory itself cannot be created or listed.
+    pub fn open(dir: &Path, sync_interval: Duration) -> Result<(Spool, Vec<Recovered>)> {
+        fs::create_dir_all(dir)
+            .map_err(|e| ErrorKind::Io.msg(format!("create spool dir {}", dir.display())).src(e))?;
+        let mut firsts: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+            .map_err(|e| ErrorKind::Io.msg(format!("list spool dir {}", dir.display())).src(e))?
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let first = parse_segment_name(entry.file_name().to_str()?)?;
+                Some((first, entry.path()))
+            })
+            .collect();
+        firsts.sort();
+
+        let mut puts: BTreeMap<u64, (i64, Message, u64)> = BTreeMap::new(); // seq → (ms, msg, segment)
+        let mut dones = Vec::new();
+        let mut segments = BTreeMap::new();
+        for (first, path) in firsts {
+            let bytes = match read_all(&path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    log::error!("spool: cannot read {}: {e}; skipping it", path.display());
+                    continue;
+                }
+            };
+            let (records, valid) = decode_segment(&bytes);
+            if valid < bytes.len() {
+                log::warn!(
+                    "spool: {} has a torn or corrupt tail at byte {valid} of {}; cutting it off",
+                    path.display(),
+                    bytes.len()
+                );
+                if let Err(e) =
+                    OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(valid as u64))
+                {
+                    log::error!("spool: cannot truncate {}: {e}", path.display());
+                }
+            }
+            for record in records {
+                match record.kind {
+                    KIND_PUT => match Message::decode(record.payload) {
+                        Ok(message) => {
+                            puts.insert(record.seq, (record.enqueued_ms, message, first));
+                        }
+                        Err(e) => log::error!(
+                            "spool: record {} in {} is not a message: {e}",
+                            record.seq,
+                            path.display()
+                        ),
+                    },
+                    _ => dones.push(record.seq),
+                }
+            }
+            segments.insert(first, Segment { path, live: 0 });
+        }
+        for seq in dones {
+            puts.remove(&seq);
+        }
+        for (_, _, segment) in puts.values() {
+            if let Some(s) = segments.get_mut(segment) {
+                s.live += 1;
+            }
+        }
+        // Segments with nothing live are finished: remove them now.
+        segments.retain(|_, s| {
+            if s.live == 0 {
+                let _ = fs::remove_file(&s.path);
+                false
+            } else {
+                true
+            }
+        });
+        let next_seq = puts.keys().next_back().map_or(0, |seq| seq + 1);
+        let recovered = puts
+            .into_iter()
+            .map(|(seq, (enqueued_ms, message, _))| Recovered { seq, enqueued_ms, message })
+            .collect();
+        let spool = Spool {
+            dir: dir.to_owned(),
+            segments,
+            file: None,
+            file_bytes: 0,
+            sync_interval,
+            last_sync: Instant::now(),
+            dirty: false,
+            failing: false,
+            next_seq,
+        };
+        Ok((spool, recovered))
+    }
+
+    /// Appends a put. Returns false (after logging) when the disk refused it; the caller keeps
+    /// the message in memory anyway.
+    pub fn put(&mut self, seq: u64, enqueued_ms: i64, message: &Message) -> bool {
+        self.next_seq = self.next_seq.max(seq + 1);
+        let record = encode_record(KIND_PUT, seq, enqueued_ms, message.encode().as_bytes());
+        if self.file.is_none() || self.file_bytes >= SEGMENT_BYTES {
+            if let Err(e) = self.start_segment(seq) {
+                self.report(e);
+                return false;
+            }
+        }
+        match self.append(&record) {
+            Ok(()) => {
+                if let Some((_, segment)) = self.segments.iter_mut().next_back() {
+                    segment.live += 1;
+                }
+                true
+            }
+            Err(e) => {
+                self.report(e);
+                false
+            }
+        }
+    }
+
+    /// Records that the puts in `seqs` are finished (sent, replaced, expired or dropped), and
+    /// deletes segments left with nothing live.
+    pub fn done(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let mut batch = Vec::with_capacity(seqs.len() * (HEADER_BYTES + FIXED_BODY_BYTES));
+        for &seq in seqs {
+            batch.extend_from_slice(&encode_record(KIND_DONE, seq, 0, &[]));
+        }
+        // Recovered puts live in old segments; their done records go to a new one.
+        let started = self.file.is_some() || {
+            let first = self.next_seq;
+            self.start_segment(first).map_err(|e| self.report(e)).is_ok()
+        };
+        if started {
+            if let Err(e) = self.append(&batch) {
+                self.report(e);
+            }
+        }
+        let current = self.segments.keys().next_back().copied();
+        for &seq in seqs {
+            let Some((&first, segment)) = self.segments.range_mut(..=seq).next_back() else {
+                continue;
+            };
+            segment.live = segment.live.saturating_sub(1);
+            if segment.live == 0 && Some(first) != current {
+                let path = segment.path.clone();
+                self.segments.remove(&first);
+                if let Err(e) = fs::remove_file(&path) {
+                    log::warn!("spool: cannot delete finished segment {}: {e}", path.display());
+                }
+            }
+        }
+    }
+
+    /// Fsyncs the current segment if something was written since the last sync.
+    pub fn sync(&mut self) {
+        if let (true, Some(file)) = (self.dirty, self.file.as_ref()) {
+            if let Err(e) = file.sync_data() {
+                self.report(ErrorKind::Io.msg("fsync spool segment").src(e));
+            }
+            self.dirty = false;
+            self.last_sync = Instant::now();
+        }
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.values().filter_map(|s| fs::metadata(&s.path).ok()).map(|m| m.len()).sum()
+    }
+
+    fn start_segment(&mut self, first_seq: u64) -> Result<()> {
+        self.sync();
+        let path = self.dir.join(segment_name(first_seq));
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| {
+            ErrorKind::Io.msg(format!("create spool segment {}", path.display())).src(e)
+        })?;
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all(); // make the new name durable
+        }
+        // The previous segment may now be finished.
+        if let Some((&first, segment)) = self.segments.iter().next_back() {
+            if segment.live == 0 && first != first_seq {
+                let _ = fs::remove_file(&segment.path);
+                self.segments.remove(&first);
+            }
+        }
+        // Re-opening the same segment after a write error keeps its live count.
+        self.segments.entry(first_seq).or_insert(Segment { path, live: 0 });
+        self.file = Some(file);
+        self.file_bytes = 0;
+        Ok(())
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(ErrorKind::Io.msg("spool has no open segment"));
+        };
+        file.write_all(bytes).map_err(|e| ErrorKind::Io.msg("append to spool segment").src(e))?;
+        self.file_bytes += bytes.len() as u64;
+        self.dirty = true;
+        if self.failing {
+            log::info!("spool: writing to disk again");
+            self.failing = false;
+        }
+        if self.last_sync.elapsed() >= self.sync_interval {
+            self.sync();
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, e: crate::Error) {
+        if !self.failing {
+            log::error!("spool: {e}; messages are kept in memory only until the disk recovers");
+            self.failing = true;
+        }
+        // Drop the handle: the next put starts a fresh segment once the disk works again.
+        self.file = None;
+    }
+}
+
+fn read_all(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.sync();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Route;
+
+    fn msg(n: u64) -> Message {
+        Message::with_text(Route { resource: format!("default/x/{n}"), ..Route::default() }, "v")
+    }
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("edgehub-spool-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_stops_decoding() {
+        let mut bytes = encode_record(KIND_PUT, 7, 99, b"{\"a\":1}");
+        bytes.extend(encode_record(KIND_DONE, 7, 0, b""));
+        let full = bytes.len();
+        let (records, valid) = decode_segment(&bytes);
+        assert_eq!(valid, full);
+        assert_eq!(
+            records[0],
+            Record { kind: KIND_PUT, seq: 7, enqueued_ms: 99, payload: b"{\"a\":1}" }
+        );
+        assert_eq!(records[1].kind, KIND_DONE);
+        for cut in 1..full {
+            let (records, valid) = decode_segment(&bytes[..cut]);
+            assert!(valid <= cut && records.len() <= 1, "cut at {cut}");
+        }
+        let mut flipped = bytes.clone();
+        flipped[12] ^= 1;
+        assert_eq!(decode_segment(&flipped).0.len(), 0);
+        let huge = [0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0, 1];
+        assert_eq!(decode_segment(&huge), (vec![], 0));
+    }
+
+    #[test]
+    fn puts_survive_reopen_and_dones_do_not() {
+        let d = dir("reopen");
+        {
+            let (mut spool, recovered) = Spool::open(&d, Duration::ZERO).unwrap();
+            assert!(recovered.is_empty());
+            for n in 0..5 {
+                assert!(spool.put(n, 1000 + n as i64, &msg(n)));
+            }
+            spool.done(&[0, 2]);
+        }
+        let (mut spool, recovered) = Spool::open(&d, Duration::ZERO).unwrap();
+        let seqs: Vec<u64> = recovered.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 3, 4]);
+        assert_eq!(recovered[0].message.route.resource, "default/x/1");
+        assert_eq!(recovered[0].enqueued_ms, 1001);
+        // Finishing everything deletes the old segment; the new one holds the new put.
+        spool.done(&[1, 3, 4]);
+        assert!(spool.put(10, 0, &msg(10)));
+        let files = fs::read_dir(&d).unwrap().count();
+        assert_eq!(files, 1, "only the current segment is left");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn torn_tail_after_a_power_cut_keeps_earlier_records() {
+        let d = dir("torn");
+        {
+            let (mut spool, _) = Spool::open(&d, Duration::ZERO).unwrap();
+            for n in 0..3 {
+                spool.put(n, 0, &msg(n));
+            }
+        }
+        let seg = fs::read_dir(&d).unwrap().next().unwrap().unwrap().path();
+        let len = fs::metadata(&seg).unwrap().len();
+        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 5).unwrap();
+        let (_, recovered) = Spool::open(&d, Duration::ZERO).unwrap();
+        assert_eq!(recovered.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+        assert!(fs::metadata(&seg).unwrap().len() < len - 5, "the torn record was cut off");
+        let _ = fs::remove_dir_all(&d);
+    }
+}
