@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::modules::{Hub, Module, ModuleSpec};
 use crate::outbox::{Limits, Outbox, SpoolOptions};
-use crate::router::{bus_group, Pending, Router};
+use crate::router::{bus_group, Pending, Redeliveries, Router};
 use crate::session::Supervisor;
 use crate::status::Status;
 use crossbeam_channel::{bounded, Sender};
@@ -58,7 +58,8 @@ impl Agent {
             Outbox::new(limits)
         });
         let pending = Arc::new(Pending::default());
-        let hub = Hub::new(outbox.clone(), pending.clone(), status.clone());
+        let redeliveries = Arc::new(Redeliveries::default());
+        let hub = Hub::new(outbox.clone(), pending.clone(), redeliveries.clone(), status.clone());
 
         // Check every registration before starting any thread, so a bad list starts nothing.
         let groups = group_table(&modules)?;
@@ -80,7 +81,8 @@ impl Agent {
             }
         }
 
-        let router = Router::new(inboxes, groups, pending, outbox.clone(), status.clone());
+        let router =
+            Router::new(inboxes, groups, pending, redeliveries, outbox.clone(), status.clone());
         let supervisor = Supervisor {
             config: config.clone(),
             router,

@@ -34,7 +34,9 @@ type Stream = TlsStream<TcpStream>;
 pub enum Incoming {
     /// A text or binary data message (gorilla's `ReadJSON` takes both).
     Data(Vec<u8>),
-    /// A ping or pong: no payload for us, but proof the link is alive.
+    /// A pong, with the payload of the ping it answers.
+    Pong(Vec<u8>),
+    /// A ping (answered by tungstenite): proof the link is alive.
     Control,
 }
 
@@ -297,6 +299,9 @@ impl Link {
                 Ok(tungstenite::Message::Close(_)) => {
                     return Err(ErrorKind::Closed.msg("read").src("close frame from cloud"));
                 }
+                Ok(tungstenite::Message::Pong(payload)) => {
+                    out.push(Incoming::Pong(payload.to_vec()))
+                }
                 Ok(_) => out.push(Incoming::Control),
                 Err(e) if would_block(&e) => return Ok(()),
                 Err(e) => return Err(map_ws_error(e, "read")),
@@ -313,9 +318,10 @@ impl Link {
         self.send(tungstenite::Message::text(text))
     }
 
-    /// Sends a WebSocket ping; gorilla answers every ping with a pong (protocol §2.6).
-    pub fn send_ping(&self) -> Result<()> {
-        self.send(tungstenite::Message::Ping(Vec::new().into()))
+    /// Sends a WebSocket ping; gorilla answers every ping with a pong carrying the same payload
+    /// (protocol §2.6), from the same goroutine that reads and handles our messages in order.
+    pub fn send_ping(&self, payload: &[u8]) -> Result<()> {
+        self.send(tungstenite::Message::Ping(payload.to_vec().into()))
     }
 
     fn send(&self, message: tungstenite::Message) -> Result<()> {

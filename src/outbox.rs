@@ -11,9 +11,13 @@
 //!   (resource, operation) in its place in the queue (latest wins), so an outage does not queue
 //!   stale status;
 //! - a message older than `ttl` is never sent: `next()` drops it, counted;
-//! - a message leaves only through `next()` (taken by the writer), `put_back()` reverses that, and
-//!   `sent()` makes it final (only then is its spool record done: a crash in between re-sends it,
-//!   so delivery is at least once, never lost);
+//! - a message leaves only through `next()` (taken by the writer); `put_back()` reverses that;
+//!   `written()` moves it to the in-flight window, where it stays until the cloud has provably
+//!   read it: `confirm(cursor)` (from the pong answering a ping sent after it) makes it final and
+//!   only then is its spool record done. At the end of a session `requeue_unconfirmed()` puts the
+//!   window back at the head, in order. So delivery is at least once (a resend keeps its msg_id,
+//!   so duplicates can be recognised), never lost;
+//! - at most `CONFIRM_WINDOW` messages are in flight; the window counts toward the bounds;
 //! - `urgent` (ACKs, control answers) is served first, skips the rate limit and is not spooled:
 //!   when full its oldest is dropped and counted (the cloud re-sends what it did not see ACKed,
 //!   protocol §4.4, so losing an ACK costs a resend, not data);
@@ -34,6 +38,8 @@ use std::time::{Duration, Instant};
 pub const URGENT_CAP: usize = 4096;
 /// Done records are batched: written when this many are waiting, or when the queue runs empty.
 const DONE_BATCH: usize = 64;
+/// Written-but-unconfirmed messages at most; the writer then waits for a pong.
+pub const CONFIRM_WINDOW: usize = 1024;
 
 /// Which lane a message travels in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +81,8 @@ pub enum Next {
     Wait(Duration),
     /// Nothing to send: wait for the bell.
     Empty,
+    /// The in-flight window is full: ask for a confirmation (ping) and wait for the bell.
+    WindowFull,
 }
 
 /// A message the outbox refused, handed back to the sender with the reason.
@@ -177,6 +185,9 @@ struct State {
     refilled_at: Instant,
     spool: Option<Spool>,
     pending_done: Vec<u64>,
+    /// Written this session, not yet confirmed: (cursor, entry), in write order.
+    in_flight: VecDeque<(u64, Entry)>,
+    in_flight_bytes: usize,
 }
 
 impl State {
@@ -244,6 +255,8 @@ impl Outbox {
                 refilled_at: Instant::now(),
                 spool,
                 pending_done: Vec::new(),
+                in_flight: VecDeque::new(),
+                in_flight_bytes: 0,
             }),
             limits,
             bell_tx,
@@ -314,8 +327,8 @@ impl Outbox {
             }
         }
         let fits = |state: &State| {
-            state.normal.len() < self.limits.max_messages
-                && state.normal_bytes + entry.size <= self.limits.max_bytes
+            state.normal.len() + state.in_flight.len() < self.limits.max_messages
+                && state.normal_bytes + state.in_flight_bytes + entry.size <= self.limits.max_bytes
         };
         if !fits(state) {
             match self.limits.full_policy {
@@ -414,6 +427,9 @@ impl Outbox {
                 }
             }
         }
+        if state.in_flight.len() >= CONFIRM_WINDOW {
+            return Next::WindowFull;
+        }
         if state.normal.is_empty() {
             state.flush_done();
             if let Some(spool) = state.spool.as_mut() {
@@ -441,11 +457,81 @@ impl Outbox {
         }
     }
 
-    /// Confirms that a taken message was written: its spool record is done.
-    pub fn sent(&self, taken: Taken) {
-        if taken.lane == Lane::Normal && taken.spooled {
-            self.lock().finish(taken.seq);
+    /// Records that a taken message was written to the socket as the session's `cursor`-th
+    /// message. It stays in flight until [`Outbox::confirm`] covers its cursor.
+    pub fn written(&self, taken: Taken, cursor: u64) {
+        if taken.lane == Lane::Urgent {
+            return; // ACKs and control answers are not confirmed (see the invariants)
         }
+        let entry = Entry {
+            size: taken.message.encoded_len_hint(),
+            coalesce_key: None,
+            message: taken.message,
+            seq: taken.seq,
+            enqueued_ms: taken.enqueued_ms,
+            spooled: taken.spooled,
+        };
+        let mut state = self.lock();
+        state.in_flight_bytes += entry.size;
+        state.in_flight.push_back((cursor, entry));
+    }
+
+    /// The cloud has read every message written up to `cursor` this session: they are final.
+    pub fn confirm(&self, cursor: u64) {
+        let mut state = self.lock();
+        let was_full = state.in_flight.len() >= CONFIRM_WINDOW;
+        while state.in_flight.front().is_some_and(|(c, _)| *c <= cursor) {
+            if let Some((_, entry)) = state.in_flight.pop_front() {
+                state.in_flight_bytes -= entry.size;
+                if entry.spooled {
+                    state.finish(entry.seq);
+                }
+            }
+        }
+        if state.in_flight.is_empty() {
+            state.flush_done();
+        }
+        drop(state);
+        if was_full {
+            self.ring();
+        }
+    }
+
+    /// Messages written but not confirmed when a session ended: the cloud may not have read
+    /// them, so they go back to the head of the queue, in order, keeping their msg_id. Returns
+    /// how many.
+    pub fn requeue_unconfirmed(&self) -> usize {
+        let mut state = self.lock();
+        let count = state.in_flight.len();
+        while let Some((_, entry)) = state.in_flight.pop_back() {
+            state.in_flight_bytes -= entry.size;
+            // A status-like message coalesces again; if a newer twin is already queued, the
+            // newer one wins and this one is finished.
+            let mut entry = self.entry(entry.message, entry.seq, entry.enqueued_ms, entry.spooled);
+            if let Some(key) = entry.coalesce_key.take() {
+                if state.latest.contains_key(&key) {
+                    self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                    if entry.spooled {
+                        state.finish(entry.seq);
+                    }
+                    continue;
+                }
+                state.latest.insert(key.clone(), entry.seq);
+                entry.coalesce_key = Some(key);
+            }
+            state.normal_bytes += entry.size;
+            state.normal.push_front(entry);
+        }
+        drop(state);
+        if count > 0 {
+            self.ring();
+        }
+        count
+    }
+
+    /// Messages written this session and not yet confirmed.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight.len()
     }
 
     /// Returns a message whose write failed to the head of its lane, so it goes first on the
@@ -481,19 +567,20 @@ impl Outbox {
         }
     }
 
-    /// Messages waiting in both lanes.
+    /// Messages waiting in both lanes or in flight.
     pub fn len(&self) -> usize {
         let state = self.lock();
-        state.urgent.len() + state.normal.len()
+        state.urgent.len() + state.normal.len() + state.in_flight.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Approximate encoded bytes waiting in the normal lane.
+    /// Approximate encoded bytes waiting in the normal lane or in flight.
     pub fn bytes(&self) -> usize {
-        self.lock().normal_bytes
+        let state = self.lock();
+        state.normal_bytes + state.in_flight_bytes
     }
 
     /// Bytes of spool segments on disk (0 without a spool).
@@ -535,7 +622,8 @@ mod tests {
         let mut out = Vec::new();
         while let Next::Ready(t) = o.next(Instant::now()) {
             out.push(t.message.route.resource.clone());
-            o.sent(t);
+            o.written(t, 0);
+            o.confirm(0);
         }
         out
     }
@@ -666,6 +754,59 @@ mod tests {
     }
 
     #[test]
+    fn unconfirmed_messages_go_back_in_order_with_their_ids() {
+        let o = Outbox::new(limits(10));
+        for n in 0..4 {
+            o.push(msg(n)).unwrap();
+        }
+        let ids: Vec<String> = (1..=3)
+            .map(|cursor| {
+                let t = take(&o);
+                let id = t.message.header.id.clone();
+                o.written(t, cursor);
+                id
+            })
+            .collect();
+        o.confirm(1); // the cloud proved it read the first
+        assert_eq!(o.in_flight(), 2);
+        assert_eq!(o.len(), 3);
+        assert_eq!(o.requeue_unconfirmed(), 2);
+        let again: Vec<_> = (0..3).map(|_| take(&o).message).collect();
+        assert_eq!(again[0].header.id, ids[1], "resent with the same msg_id");
+        assert_eq!(again[1].header.id, ids[2]);
+        assert_eq!(again[2].route.resource, "default/x/3");
+    }
+
+    #[test]
+    fn a_full_window_waits_for_confirmation_and_confirm_rings() {
+        let o = Outbox::new(Limits::simple(CONFIRM_WINDOW + 10, 1 << 24, 1 << 20, 1 << 20));
+        for n in 0..CONFIRM_WINDOW + 1 {
+            o.push(msg(n)).unwrap();
+        }
+        for cursor in 1..=CONFIRM_WINDOW as u64 {
+            let t = take(&o);
+            o.written(t, cursor);
+        }
+        while o.bell().try_recv().is_ok() {}
+        assert!(matches!(o.next(Instant::now()), Next::WindowFull));
+        o.confirm(10);
+        assert!(o.bell().try_recv().is_ok(), "room in the window wakes the writer");
+        assert!(matches!(o.next(Instant::now()), Next::Ready(_)));
+    }
+
+    #[test]
+    fn requeued_status_loses_to_a_newer_one() {
+        let o = Outbox::new(Limits { coalesce: vec!["/nodestatus/".into()], ..limits(10) });
+        o.push(status("old")).unwrap();
+        let t = take(&o);
+        o.written(t, 1);
+        o.push(status("new")).unwrap();
+        o.requeue_unconfirmed();
+        assert_eq!(o.len(), 1);
+        assert_eq!(take(&o).message.content_text().as_deref(), Some("new"));
+    }
+
+    #[test]
     fn expired_messages_are_not_sent() {
         let o = Outbox::new(Limits { ttl: Some(Duration::from_millis(50)), ..limits(10) });
         o.push(msg(0)).unwrap();
@@ -690,8 +831,9 @@ mod tests {
             }
             o.push(status("a")).unwrap();
             o.push(status("b")).unwrap();
-            let sent = take(&o); // x/0 written
-            o.sent(sent);
+            let sent = take(&o); // x/0 written and confirmed
+            o.written(sent, 1);
+            o.confirm(1);
             let failed = take(&o); // x/1 taken, write failed, put back
             o.put_back(failed);
             o.flush();
@@ -701,7 +843,8 @@ mod tests {
             Next::Ready(t) => {
                 let text = t.message.content_text().unwrap_or_default();
                 let r = format!("{}={text}", t.message.route.resource);
-                o.sent(t);
+                o.written(t, 7);
+                o.confirm(7);
                 Some(r)
             }
             _ => None,

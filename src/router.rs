@@ -113,6 +113,76 @@ impl Pending {
     }
 }
 
+/// Ack-queue messages already handed to a module, so the cloud's re-sends of the same `msg_id`
+/// (every 5 s until it sees the ACK, protocol §4.4) reach the module once: a re-send of a message
+/// the module is still working on is dropped, and one it already ACKed is ACKed again here.
+/// A module that could not apply a message calls `Hub::release` so the next re-send gets through.
+/// Bounded: the oldest IDs are forgotten first.
+#[derive(Debug, Default)]
+pub struct Redeliveries {
+    seen: Mutex<(HashMap<String, bool>, std::collections::VecDeque<String>)>,
+}
+
+/// Message IDs remembered for re-send detection.
+pub const REDELIVERY_MEMORY: usize = 4096;
+
+/// What to do with an ack-queue message from the cloud.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// First time: deliver it.
+    New,
+    /// A re-send while the module still works on it: drop it.
+    InProgress,
+    /// A re-send of a message already ACKed (the ACK was lost): ACK again, do not deliver.
+    Acked,
+}
+
+impl Redeliveries {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (HashMap<String, bool>, std::collections::VecDeque<String>)>
+    {
+        // Plain maps: a panic elsewhere cannot leave them half-updated.
+        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records `msg_id` as delivered if new, and says what to do with it.
+    pub fn check(&self, msg_id: &str) -> Seen {
+        let mut guard = self.lock();
+        let (seen, order) = &mut *guard;
+        match seen.get(msg_id) {
+            Some(true) => Seen::Acked,
+            Some(false) => Seen::InProgress,
+            None => {
+                if order.len() >= REDELIVERY_MEMORY {
+                    if let Some(old) = order.pop_front() {
+                        seen.remove(&old);
+                    }
+                }
+                seen.insert(msg_id.to_owned(), false);
+                order.push_back(msg_id.to_owned());
+                Seen::New
+            }
+        }
+    }
+
+    /// The module ACKed `msg_id`.
+    pub fn acked(&self, msg_id: &str) {
+        if let Some(state) = self.lock().0.get_mut(msg_id) {
+            *state = true;
+        }
+    }
+
+    /// The module gave `msg_id` up: let the next re-send through.
+    pub fn release(&self, msg_id: &str) {
+        let mut guard = self.lock();
+        let (seen, order) = &mut *guard;
+        if seen.remove(msg_id).is_some() {
+            order.retain(|id| id != msg_id);
+        }
+    }
+}
+
 /// The reader was asked to stop while waiting to deliver.
 #[derive(Debug)]
 pub struct Stopped;
@@ -125,6 +195,7 @@ pub struct Router {
     /// Bus group → index into `modules`.
     groups: HashMap<&'static str, usize>,
     pending: Arc<Pending>,
+    redeliveries: Arc<Redeliveries>,
     outbox: Arc<Outbox>,
     status: Arc<Status>,
 }
@@ -135,10 +206,11 @@ impl Router {
         modules: Vec<(String, &'static str, Sender<Message>)>,
         groups: HashMap<&'static str, usize>,
         pending: Arc<Pending>,
+        redeliveries: Arc<Redeliveries>,
         outbox: Arc<Outbox>,
         status: Arc<Status>,
     ) -> Router {
-        Router { modules, groups, pending, outbox, status }
+        Router { modules, groups, pending, redeliveries, outbox, status }
     }
 
     /// Routes one message from the cloud. Blocks only while a module inbox is full, and returns
@@ -165,6 +237,23 @@ impl Router {
                     Ok(())
                 }
             },
+            Destination::Module(_) if msg.needs_ack() => {
+                match self.redeliveries.check(&msg.header.id) {
+                    Seen::New => self.deliver_new(msg, stop),
+                    Seen::InProgress => {
+                        log::debug!("cloud re-sent {msg:?} while its module works on it; dropped");
+                        Status::bump(&self.status.redeliveries);
+                        Ok(())
+                    }
+                    Seen::Acked => {
+                        log::debug!("cloud re-sent {msg:?} after its ACK; ACKing again");
+                        Status::bump(&self.status.redeliveries);
+                        Status::bump(&self.status.acks_sent);
+                        self.outbox.push_urgent(msg.ack());
+                        Ok(())
+                    }
+                }
+            }
             Destination::Module(bus) => self.deliver(bus, msg, stop),
             Destination::Unroutable(why @ UNKNOWN_GROUP)
                 if self.groups.contains_key(bus_group::OTHER) =>
@@ -177,6 +266,13 @@ impl Router {
                 Status::bump(&self.status.unroutable);
                 Ok(())
             }
+        }
+    }
+
+    fn deliver_new(&self, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
+        match destination(&msg) {
+            Destination::Module(bus) => self.deliver(bus, msg, stop),
+            _ => Ok(()), // cannot happen: only called for module destinations
         }
     }
 
@@ -309,5 +405,32 @@ mod tests {
             (0..MAX_PENDING_REQUESTS).map(|i| p.register(&i.to_string()).unwrap()).collect();
         assert!(p.register("one-more").is_none());
         drop(keep);
+    }
+}
+
+#[cfg(test)]
+mod redelivery_tests {
+    use super::*;
+
+    #[test]
+    fn resend_in_progress_is_dropped_after_ack_is_acked_again_and_release_lets_it_through() {
+        let r = Redeliveries::default();
+        assert_eq!(r.check("a"), Seen::New);
+        assert_eq!(r.check("a"), Seen::InProgress);
+        r.acked("a");
+        assert_eq!(r.check("a"), Seen::Acked);
+        assert_eq!(r.check("b"), Seen::New);
+        r.release("b");
+        assert_eq!(r.check("b"), Seen::New);
+    }
+
+    #[test]
+    fn memory_is_bounded_oldest_forgotten_first() {
+        let r = Redeliveries::default();
+        for i in 0..=REDELIVERY_MEMORY {
+            assert_eq!(r.check(&i.to_string()), Seen::New);
+        }
+        assert_eq!(r.check("0"), Seen::New, "the oldest was forgotten");
+        assert_eq!(r.check(&REDELIVERY_MEMORY.to_string()), Seen::InProgress);
     }
 }

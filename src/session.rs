@@ -19,11 +19,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::link::{self, Incoming, Link};
 use crate::message::{self, Message};
-use crate::outbox::{Next, Outbox};
+use crate::outbox::{Lane, Next, Outbox};
 use crate::router::Router;
 use crate::status::Status;
 use crossbeam_channel::{bounded, never, select, tick, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Stack sizes: the reader decodes JSON (serde_json caps nesting at 128 levels), the others only
@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 const READER_STACK_BYTES: usize = 256 << 10;
 const WRITER_STACK_BYTES: usize = 128 << 10;
 const HEARTBEAT_STACK_BYTES: usize = 128 << 10;
+/// The writer asks the cloud to confirm what it read at least every this many messages.
+const CONFIRM_EVERY: u64 = 64;
 /// How much of a malformed frame is quoted in the log.
 const MAX_QUOTED_FRAME: usize = 200;
 
@@ -117,6 +119,10 @@ impl Supervisor {
                     };
                     link.shutdown();
                     self.status.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    let requeued = self.outbox.requeue_unconfirmed();
+                    if requeued > 0 {
+                        log::info!("{requeued} message(s) not confirmed by the cloud go out again");
+                    }
                     match &reason {
                         ExitReason::Stopped => {
                             log::info!("disconnected from {}: {reason}", link.peer())
@@ -157,6 +163,8 @@ impl Supervisor {
     fn run_session(&self, link: &Link, agent_stop: &Receiver<()>) -> ExitReason {
         let (done_tx, done_rx) = bounded::<ExitReason>(3);
         let (stop_tx, stop_rx) = bounded::<()>(0);
+        // Normal-lane messages the writer has written this session (see `writer`).
+        let cursor = Mutex::new(0u64);
         std::thread::scope(|scope| {
             let builder = |name: &str, stack: usize| {
                 std::thread::Builder::new().name(name.to_owned()).stack_size(stack)
@@ -166,10 +174,10 @@ impl Supervisor {
                     .spawn_scoped(scope, || self.reader(link, &done_tx, &stop_rx))
                     .err(),
                 builder("eh-writer", WRITER_STACK_BYTES)
-                    .spawn_scoped(scope, || self.writer(link, &done_tx, &stop_rx))
+                    .spawn_scoped(scope, || self.writer(link, &cursor, &done_tx, &stop_rx))
                     .err(),
                 builder("eh-heartbeat", HEARTBEAT_STACK_BYTES)
-                    .spawn_scoped(scope, || self.heartbeat(link, &done_tx, &stop_rx))
+                    .spawn_scoped(scope, || self.heartbeat(link, &cursor, &done_tx, &stop_rx))
                     .err(),
             ];
             let first = match started.into_iter().flatten().next() {
@@ -223,7 +231,16 @@ impl Supervisor {
         stop: &Receiver<()>,
     ) -> Result<(), crate::router::Stopped> {
         for incoming in batch.drain(..) {
-            let Incoming::Data(frame) = incoming else { continue };
+            let frame = match incoming {
+                Incoming::Data(frame) => frame,
+                Incoming::Pong(payload) => {
+                    if let Ok(cursor) = <[u8; 8]>::try_from(payload.as_slice()) {
+                        self.outbox.confirm(u64::from_be_bytes(cursor));
+                    }
+                    continue;
+                }
+                Incoming::Control => continue,
+            };
             match Message::decode(&frame) {
                 Ok(msg) => {
                     Status::bump(&self.status.messages_down);
@@ -245,25 +262,59 @@ impl Supervisor {
         Ok(())
     }
 
-    fn writer(&self, link: &Link, done: &Sender<ExitReason>, stop: &Receiver<()>) {
+    /// Pulls from the outbox and writes. Every `CONFIRM_EVERY` messages, and whenever it is
+    /// about to wait, it sends a ping whose payload is the count of messages written so far this
+    /// session: the cloud answers pings from the goroutine that reads and handles our messages in
+    /// order, so the pong proves everything before it was read (see `Outbox::confirm`).
+    fn writer(
+        &self,
+        link: &Link,
+        cursor: &Mutex<u64>,
+        done: &Sender<ExitReason>,
+        stop: &Receiver<()>,
+    ) {
         let mut guard = ExitGuard::new(done, "writer");
+        let mut written: u64 = 0;
+        let mut pinged: u64 = 0;
+        let mut ask_confirmation = |written: u64| -> Result<(), Error> {
+            if written > pinged {
+                link.send_ping(&written.to_be_bytes())?;
+                pinged = written;
+            }
+            Ok(())
+        };
         guard.reason = Some(loop {
-            match self.outbox.next(Instant::now()) {
+            let next = self.outbox.next(Instant::now());
+            if !matches!(next, Next::Ready(_)) {
+                if let Err(e) = ask_confirmation(written) {
+                    break ExitReason::Write(e);
+                }
+            }
+            match next {
                 Next::Ready(taken) => {
                     log::debug!("to cloud: {:?}", taken.message);
                     if let Err(e) = link.send_text(taken.message.encode()) {
                         self.outbox.put_back(taken);
                         break ExitReason::Write(e);
                     }
-                    self.outbox.sent(taken);
                     Status::bump(&self.status.messages_up);
+                    if taken.lane == Lane::Normal {
+                        written += 1;
+                        self.outbox.written(taken, written);
+                        *cursor.lock().unwrap_or_else(|p| p.into_inner()) = written;
+                        if written % CONFIRM_EVERY == 0 {
+                            if let Err(e) = ask_confirmation(written) {
+                                break ExitReason::Write(e);
+                            }
+                        }
+                    }
                 }
                 Next::Wait(delay) => select! {
                     recv(stop) -> _ => break ExitReason::Stopped,
                     recv(self.outbox.bell()) -> _ => {} // an urgent message may have arrived
                     default(delay) => {}
                 },
-                Next::Empty => select! {
+                Next::Empty | Next::WindowFull => select! {
                     recv(stop) -> _ => break ExitReason::Stopped,
                     recv(self.outbox.bell()) -> _ => {}
                 },
@@ -271,7 +322,15 @@ impl Supervisor {
         });
     }
 
-    fn heartbeat(&self, link: &Link, done: &Sender<ExitReason>, stop: &Receiver<()>) {
+    /// Keepalives, and liveness pings that also carry the writer's cursor (a cloud answers only
+    /// the latest of several pings it has not answered yet, so every ping must carry one).
+    fn heartbeat(
+        &self,
+        link: &Link,
+        cursor: &Mutex<u64>,
+        done: &Sender<ExitReason>,
+        stop: &Receiver<()>,
+    ) {
         let mut guard = ExitGuard::new(done, "heartbeat");
         let keepalive_tick = tick(self.config.heartbeat.0);
         let ping_interval = self.config.ping_interval();
@@ -298,7 +357,8 @@ impl Supervisor {
                     }
                 }
                 recv(ping_tick) -> _ => {
-                    if let Err(e) = link.send_ping() {
+                    let written = *cursor.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = link.send_ping(&written.to_be_bytes()) {
                         break ExitReason::Write(e);
                     }
                 }

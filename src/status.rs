@@ -24,6 +24,8 @@ pub struct Status {
     pub unroutable: AtomicU32,
     /// Responses nobody waited for (their requester timed out, or never existed).
     pub orphan_responses: AtomicU32,
+    /// Re-sends of ack-queue messages kept from a module that already has them.
+    pub redeliveries: AtomicU32,
     /// Control operations (`config`/`ping`/`pong`) answered.
     pub control_answered: AtomicU32,
 }

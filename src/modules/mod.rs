@@ -3,13 +3,14 @@
 //! which a module talks to the cloud (send, request/response, and the one `ack` call), and the
 //! [`Module`] handle that owns the thread. Nothing here is specific to one module.
 
+pub mod local_api;
 pub mod meta_store;
 pub mod node_status;
 
 use crate::error::{ErrorKind, Result};
 use crate::message::Message;
 use crate::outbox::{Outbox, Rejected};
-use crate::router::Pending;
+use crate::router::{Pending, Redeliveries};
 use crate::status::Status;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -25,12 +26,18 @@ pub const MODULE_STACK_BYTES: usize = 256 << 10;
 pub struct Hub {
     outbox: Arc<Outbox>,
     pending: Arc<Pending>,
+    redeliveries: Arc<Redeliveries>,
     status: Arc<Status>,
 }
 
 impl Hub {
-    pub(crate) fn new(outbox: Arc<Outbox>, pending: Arc<Pending>, status: Arc<Status>) -> Hub {
-        Hub { outbox, pending, status }
+    pub(crate) fn new(
+        outbox: Arc<Outbox>,
+        pending: Arc<Pending>,
+        redeliveries: Arc<Redeliveries>,
+        status: Arc<Status>,
+    ) -> Hub {
+        Hub { outbox, pending, redeliveries, status }
     }
 
     /// Queues a message for the cloud. It survives disconnects and is written in order.
@@ -50,8 +57,15 @@ impl Hub {
             return false;
         }
         Status::bump(&self.status.acks_sent);
+        self.redeliveries.acked(&msg.header.id);
         self.outbox.push_urgent(msg.ack());
         true
+    }
+
+    /// "I could not apply this message": the cloud's next re-send of it is delivered again
+    /// instead of being dropped as a duplicate. Call it when not ACKing because of an error.
+    pub fn release(&self, msg: &Message) {
+        self.redeliveries.release(&msg.header.id);
     }
 
     /// Sends `msg` and waits up to `timeout` for the cloud's response (the message whose

@@ -97,6 +97,30 @@ impl Cloud {
         Cloud { dir, pki, paths, sim, events }
     }
 
+    /// Stops the simulator (every connection dropped, whatever it had not read is lost, as when
+    /// cloudcore restarts) and starts a fresh one on the same address. Returns the old
+    /// simulator's event receiver, which still holds the events not read yet.
+    pub fn restart(&mut self, tune: impl FnOnce(&mut SimConfig)) -> Receiver<SimEvent> {
+        let addr = self.sim.addr();
+        let config = |listen| {
+            let mut c = SimConfig::new(
+                self.pki.ca_cert_pem.clone(),
+                self.pki.server_cert_pem.clone(),
+                self.pki.server_key_pem.clone(),
+            );
+            c.listen = listen;
+            c
+        };
+        // The port must be free before the new simulator binds it: park a throwaway one.
+        let parked = CloudSim::start(config("127.0.0.1:0".parse().unwrap())).unwrap();
+        std::mem::replace(&mut self.sim, parked).stop();
+        let mut fresh = config(addr);
+        tune(&mut fresh);
+        let sim = CloudSim::start(fresh).unwrap_or_else(|e| panic!("restart on {addr}: {e}"));
+        std::mem::replace(&mut self.sim, sim).stop();
+        std::mem::replace(&mut self.events, self.sim.events())
+    }
+
     /// An agent config for this cloud: short heartbeat and read deadline, no reconnect jitter.
     pub fn config(&self) -> Config {
         self.config_to(&self.sim.addr().to_string())
@@ -249,4 +273,14 @@ pub fn agent_threads() -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Waits for a condition the agent signals no event for (a counter, the outbox draining), checking
+/// every 10 ms, up to `PATIENCE`.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -1,6 +1,7 @@
 //! A fault-injection TCP proxy for tests: it listens on 127.0.0.1:0, forwards each accepted
-//! connection to a target, and can stall all traffic (a half-open link: sockets stay open, no byte
-//! moves) or cut every connection. It knows nothing about TLS or WebSocket; it only moves bytes.
+//! connection to a target, and can pass, delay, throttle or stall all traffic (a half-open link:
+//! sockets stay open, no byte moves), refuse new connections, cut every connection, or cut each
+//! connection after a number of bytes (mid-frame). It knows nothing about TLS or WebSocket; it only moves bytes.
 //! Self-contained (std and crossbeam-channel only) so any test file can include it with
 //! `#[path = "support/proxy.rs"] mod proxy;` or through `mod support;`.
 //!
@@ -29,6 +30,10 @@ pub enum Mode {
     /// Forward nothing either way but keep every socket open: to both ends the link looks
     /// half-open. Bytes read meanwhile are held and delivered after a return to `Pass`.
     Stall,
+    /// Forward, holding every chunk this long first (a slow path).
+    Delay(Duration),
+    /// Forward at most this many bytes per second in each direction.
+    Throttle(u32),
 }
 
 /// A running proxy. Drop stops it, closes every connection and joins every thread.
@@ -44,6 +49,10 @@ struct Shared {
     /// Signalled when the mode changes, a connection is cut, or the proxy stops.
     wake: Condvar,
     stopping: AtomicBool,
+    /// New connections are closed at once (the cloud is "down").
+    refusing: AtomicBool,
+    /// Cut each connection once this many more bytes went from client to target (0: off).
+    cut_after: AtomicUsize,
     accepted: AtomicUsize,
     conns: Mutex<Vec<Arc<Pair>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -93,6 +102,8 @@ impl Proxy {
             mode: Mutex::new(Mode::Pass),
             wake: Condvar::new(),
             stopping: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            cut_after: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
             workers: Mutex::new(Vec::new()),
@@ -130,6 +141,17 @@ impl Proxy {
         self.shared.notify();
     }
 
+    /// While set, new connections are accepted and closed at once, like a cloud that is down.
+    pub fn refuse_new(&self, refuse: bool) {
+        self.shared.refusing.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Cuts every connection after `bytes` more bytes went from client to target: the cut lands
+    /// in the middle of a frame unless `bytes` happens to end one.
+    pub fn cut_after(&self, bytes: usize) {
+        self.shared.cut_after.store(bytes, Ordering::SeqCst);
+    }
+
     /// Client connections accepted so far.
     pub fn connections_accepted(&self) -> usize {
         self.shared.accepted.load(Ordering::SeqCst)
@@ -160,6 +182,10 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         }
         let Ok(client) = client else { continue };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
+        if shared.refusing.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
         let Ok(upstream) = TcpStream::connect_timeout(&shared.target, TARGET_CONNECT_TIMEOUT)
         else {
             // The client sees the connection close, as it would with a dead target.
@@ -217,11 +243,45 @@ fn forward(shared: &Shared, pair: &Pair, mut from: TcpStream, mut to: &TcpStream
         if !wait_while_stalled(shared, pair) {
             return;
         }
-        if to.write_all(&buf[..n]).is_err() {
+        let mut chunk = &buf[..n];
+        if !to_client_side(pair, to) {
+            let budget = shared.cut_after.load(Ordering::SeqCst);
+            if budget > 0 {
+                if chunk.len() >= budget {
+                    let _ = to.write_all(&chunk[..budget]);
+                    shared.cut_after.store(0, Ordering::SeqCst);
+                    shared.cut(pair);
+                    return;
+                }
+                shared.cut_after.store(budget - chunk.len(), Ordering::SeqCst);
+            }
+        }
+        let mode = *lock(&shared.mode);
+        match mode {
+            Mode::Delay(d) => thread::sleep(d), // the fault being injected, not synchronisation
+            Mode::Throttle(rate) if rate > 0 => {
+                // Move the chunk in tenths of the per-second budget.
+                let step = (rate as usize / 10).max(1);
+                while chunk.len() > step {
+                    if to.write_all(&chunk[..step]).is_err() {
+                        shared.cut(pair);
+                        return;
+                    }
+                    chunk = &chunk[step..];
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+            _ => {}
+        }
+        if to.write_all(chunk).is_err() {
             shared.cut(pair);
             return;
         }
     }
+}
+
+fn to_client_side(pair: &Pair, to: &TcpStream) -> bool {
+    std::ptr::eq(to, &pair.client)
 }
 
 /// Blocks while the proxy is stalled. False when the connection was cut or the proxy stops.
