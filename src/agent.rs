@@ -2,7 +2,10 @@
 //! requests, the module threads, the router, and the supervisor thread. Owns start and stop order:
 //! stop ends the supervisor (which joins its session), whose router holds the only senders of the
 //! module inboxes, so the modules then see their inbox disconnect and return; each is joined.
+//! The certificate rotation thread (`eh-certs`, when `rotateCertificates` and `httpServer` are
+//! set) starts last and is told to stop first; it asks the supervisor to reconnect over a channel.
 
+use crate::certs;
 use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::modules::{Hub, Module, ModuleSpec};
@@ -27,6 +30,9 @@ pub struct Agent {
     stop_tx: Option<Sender<()>>,
     supervisor: Option<JoinHandle<()>>,
     modules: Vec<Module>,
+    rotation: Option<certs::Rotation>,
+    /// Kept so the supervisor's `reconnect` channel stays connected even without rotation.
+    _reconnect_tx: Sender<()>,
 }
 
 impl Agent {
@@ -83,11 +89,14 @@ impl Agent {
 
         let router =
             Router::new(inboxes, groups, pending, redeliveries, outbox.clone(), status.clone());
+        // Capacity 1: reconnect requests coalesce (see `session`).
+        let (reconnect_tx, reconnect_rx) = bounded::<()>(1);
         let supervisor = Supervisor {
             config: config.clone(),
             router,
             outbox: outbox.clone(),
             status: status.clone(),
+            reconnect: reconnect_rx,
         };
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let thread = std::thread::Builder::new()
@@ -95,15 +104,22 @@ impl Agent {
             .stack_size(SUPERVISOR_STACK_BYTES)
             .spawn(move || supervisor.run(stop_rx))
             .map_err(|e| ErrorKind::Io.msg("spawn supervisor").src(e))?;
-        Ok(Agent {
-            config,
+        let mut agent = Agent {
+            config: config.clone(),
             hub,
             status,
             outbox,
             stop_tx: Some(stop_tx),
             supervisor: Some(thread),
             modules: running,
-        })
+            rotation: None,
+            _reconnect_tx: reconnect_tx.clone(),
+        };
+        if config.rotate_certificates && !config.http_server.is_empty() {
+            // On failure `agent` is dropped, which stops and joins everything started above.
+            agent.rotation = Some(certs::Rotation::spawn(config, reconnect_tx)?);
+        }
+        Ok(agent)
     }
 
     /// A handle for sending to the cloud from outside any module (tests, tools).
@@ -119,9 +135,19 @@ impl Agent {
         &self.config
     }
 
-    /// Messages waiting to go up.
+    /// Messages waiting to go up (queued or written but not yet confirmed by the cloud).
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// The outbox's counters (refused, dropped, expired, coalesced...).
+    pub fn outbox_counters(&self) -> &crate::outbox::OutboxCounters {
+        &self.outbox.counters
+    }
+
+    /// Messages dropped because they outlived `messageTTL`.
+    pub fn outbox_expired(&self) -> u32 {
+        self.outbox.counters.expired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Blocks until the supervisor ends (only after [`Agent::stop`] from another handle, or a
@@ -132,6 +158,7 @@ impl Agent {
                 log::error!("bug: supervisor panicked");
             }
         }
+        drop(self.rotation.take()); // stops and joins it
         self.stop_modules();
     }
 
@@ -142,12 +169,17 @@ impl Agent {
     }
 
     fn shutdown(&mut self) {
+        // Both stop at once: a rotation request in flight is cancelled, not waited for.
+        if let Some(rotation) = self.rotation.as_mut() {
+            rotation.signal_stop();
+        }
         drop(self.stop_tx.take());
         if let Some(thread) = self.supervisor.take() {
             if thread.join().is_err() {
                 log::error!("bug: supervisor panicked");
             }
         }
+        drop(self.rotation.take()); // joins it
         self.stop_modules();
     }
 
