@@ -370,3 +370,39 @@ fn cloud_resends_an_ack_queue_message_five_times_the_module_sees_it_once() {
     assert!(Status::get(&agent.status().redeliveries) >= 4);
     agent.stop();
 }
+
+/// The figure for the issue note: half-open detection with edgecore's default timing (heartbeat
+/// 15 s, readDeadline 15 s). Slow, so ignored; run it with
+/// `cargo test --features cloudsim --test faults -- --ignored --nocapture half_open_default`.
+#[test]
+#[ignore = "takes up to 30 s"]
+fn half_open_default_settings_detection_time() {
+    let _w = watchdog(Duration::from_secs(90));
+    let cloud = Cloud::start();
+    let proxy = Proxy::start(cloud.sim.addr()).unwrap();
+    let (probe, probe_rx) = capture_module("probe", &["meta"], true);
+    let mut config = cloud.config_to(&proxy.addr().to_string());
+    config.heartbeat = Seconds(edgehub::config::DEFAULT_HEARTBEAT);
+    config.websocket.read_deadline = Seconds(edgehub::config::DEFAULT_READ_DEADLINE);
+    let agent = Agent::start(config, vec![probe]).unwrap();
+    wait_connection_event(&probe_rx, message::CLOUD_CONNECTED);
+    cloud.wait_for("ping", |e| matches!(e, SimEvent::Ping { .. }).then_some(()));
+    let stalled_at = Instant::now();
+    proxy.set_mode(Mode::Stall);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match probe_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(m) if m.content_text().as_deref() == Some(message::CLOUD_DISCONNECTED) => break,
+            Ok(_) => continue,
+            Err(_) => panic!("half-open link not detected within 60 s"),
+        }
+    }
+    eprintln!(
+        "half-open detected {:.1} s after the link went silent (defaults)",
+        stalled_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        stalled_at.elapsed() <= edgehub::config::DEFAULT_READ_DEADLINE + Duration::from_secs(1)
+    );
+    agent.stop();
+}
