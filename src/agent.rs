@@ -18,6 +18,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// Keys `reload` applies live.
+const RELOADABLE_KEYS: [&str; 8] = [
+    "logLevel",
+    "messageQPS",
+    "messageBurst",
+    "outboxMaxMessages",
+    "outboxMaxBytes",
+    "outboxFullPolicy",
+    "messageTTL",
+    "coalesceResources",
+];
 /// The supervisor only dials, waits and joins.
 const SUPERVISOR_STACK_BYTES: usize = 128 << 10;
 
@@ -45,15 +56,7 @@ impl Agent {
     pub fn start(config: Config, modules: Vec<ModuleSpec>) -> Result<Agent> {
         let config = Arc::new(config);
         let status = Arc::new(Status::default());
-        let limits = Limits {
-            max_messages: config.outbox_max_messages,
-            max_bytes: config.outbox_max_bytes,
-            rate_per_sec: config.message_qps,
-            burst: config.message_burst,
-            full_policy: config.outbox_full_policy,
-            ttl: Some(config.message_ttl.0).filter(|ttl| !ttl.is_zero()),
-            coalesce: config.coalesce_resources.clone(),
-        };
+        let limits = outbox_limits(&config);
         let outbox = Arc::new(if config.outbox_spool {
             let spool = SpoolOptions {
                 dir: config.state_dir.join("spool"),
@@ -150,6 +153,59 @@ impl Agent {
         self.outbox.counters.expired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Applies what can change while running from a re-read, validated config (SIGHUP): the log
+    /// level, the rate limit, the outbox bounds and policies. Returns the keys applied and the
+    /// keys that changed but need a restart, for the log.
+    pub fn reload(&mut self, new: &Config) -> (Vec<&'static str>, Vec<String>) {
+        let old = &self.config;
+        let mut applied = Vec::new();
+        let mut restart = Vec::new();
+        if new.log_level != old.log_level {
+            log::set_max_level(new.log_level.to_filter());
+            applied.push("logLevel");
+        }
+        let live = [
+            ("messageQPS", new.message_qps != old.message_qps),
+            ("messageBurst", new.message_burst != old.message_burst),
+            ("outboxMaxMessages", new.outbox_max_messages != old.outbox_max_messages),
+            ("outboxMaxBytes", new.outbox_max_bytes != old.outbox_max_bytes),
+            ("outboxFullPolicy", new.outbox_full_policy != old.outbox_full_policy),
+            ("messageTTL", new.message_ttl != old.message_ttl),
+            ("coalesceResources", new.coalesce_resources != old.coalesce_resources),
+        ];
+        let mut outbox_changed = false;
+        for (key, changed) in live {
+            if changed {
+                applied.push(key);
+                outbox_changed = true;
+            }
+        }
+        if outbox_changed {
+            self.outbox.set_limits(outbox_limits(new));
+        }
+        let old_json = serde_json::to_value(&**old).unwrap_or_default();
+        let new_json = serde_json::to_value(new).unwrap_or_default();
+        if let (Some(old_map), Some(new_map)) = (old_json.as_object(), new_json.as_object()) {
+            for (key, value) in new_map {
+                if !RELOADABLE_KEYS.contains(&key.as_str()) && old_map.get(key) != Some(value) {
+                    restart.push(key.clone());
+                }
+            }
+        }
+        // Remember what is now in force, so the next reload compares with it.
+        let mut current = (*self.config).clone();
+        current.log_level = new.log_level;
+        current.message_qps = new.message_qps;
+        current.message_burst = new.message_burst;
+        current.outbox_max_messages = new.outbox_max_messages;
+        current.outbox_max_bytes = new.outbox_max_bytes;
+        current.outbox_full_policy = new.outbox_full_policy;
+        current.message_ttl = new.message_ttl;
+        current.coalesce_resources = new.coalesce_resources.clone();
+        self.config = Arc::new(current);
+        (applied, restart)
+    }
+
     /// Blocks until the supervisor ends (only after [`Agent::stop`] from another handle, or a
     /// fatal fault); used by `edgehub run`.
     pub fn wait(mut self) {
@@ -189,6 +245,19 @@ impl Agent {
             module.join();
         }
         self.outbox.flush();
+    }
+}
+
+/// The outbox's bounds, rate and policies from the config.
+fn outbox_limits(config: &Config) -> Limits {
+    Limits {
+        max_messages: config.outbox_max_messages,
+        max_bytes: config.outbox_max_bytes,
+        rate_per_sec: config.message_qps,
+        burst: config.message_burst,
+        full_policy: config.outbox_full_policy,
+        ttl: Some(config.message_ttl.0).filter(|ttl| !ttl.is_zero()),
+        coalesce: config.coalesce_resources.clone(),
     }
 }
 

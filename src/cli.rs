@@ -1,8 +1,10 @@
-//! The command line (argh): `run`, `check-config`, `--version`; logging set-up; and turning
+//! The command line (argh): `run` (which joins first when there is no usable certificate and a
+//! token is configured), `join`, `check-config`, `--version`; logging set-up; and turning
 //! arguments into a validated `Config` (raw flags first, derived objects after, as ripgrep does).
 //! No protocol logic lives here.
 
 use crate::agent::Agent;
+use crate::certs;
 use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::modules::{meta_store, node_status, ModuleSpec};
@@ -24,6 +26,7 @@ pub struct Args {
 pub enum Command {
     Run(RunArgs),
     CheckConfig(CheckConfigArgs),
+    Join(JoinArgs),
 }
 
 /// Connect to CloudHub and keep the link up until stopped.
@@ -42,6 +45,24 @@ pub struct RunArgs {
     #[argh(switch, short = 'v')]
     /// verbose: log at debug level (twice: trace)
     pub verbose: u8,
+}
+
+/// Join the cluster with a token from `keadm gettoken`: fetch the CA and check it against the
+/// token, get a certificate for this node from httpServer, write tlsCaFile, tlsCertFile and
+/// tlsPrivateKeyFile. Replaces a certificate already there.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "join")]
+pub struct JoinArgs {
+    #[argh(option, short = 'c', default = "default_config_path()")]
+    /// configuration file (httpServer, nodeName, certificate paths); default
+    /// /etc/edgehub/config.json
+    pub config: PathBuf,
+    #[argh(option)]
+    /// the token, <caHash>.<jwt>; default: token or tokenFile of the configuration
+    pub token: Option<String>,
+    #[argh(option)]
+    /// node name (overrides nodeName)
+    pub node_name: Option<String>,
 }
 
 /// Validate the configuration and print the effective settings (token redacted).
@@ -121,10 +142,51 @@ pub fn run(args: Args) -> Result<i32> {
                 _ => log::LevelFilter::Trace,
             };
             init_logging(level);
+            // An expired, foreign or missing certificate: join with the token, or say one is needed.
+            certs::ensure(&config)?;
             let modules = builtin_modules(&config);
             let agent = Agent::start(config, modules)?;
             agent.wait();
             Ok(0)
         }
+        Some(Command::Join(a)) => join_command(a),
     }
+}
+
+fn join_command(a: JoinArgs) -> Result<i32> {
+    let mut config = Config::load(&a.config)?;
+    if let Some(node_name) = a.node_name {
+        config.node_name = node_name;
+    }
+    let token = match &a.token {
+        Some(text) => certs::Token::parse(text)?,
+        None => certs::Token::configured(&config)?.ok_or_else(|| {
+            ErrorKind::Config.msg(format!(
+                "no token: give --token, or set token or tokenFile in {}",
+                a.config.display()
+            ))
+        })?,
+    };
+    if let Some(text) = a.token {
+        // So validation knows the certificate files may not exist yet.
+        config.token = text;
+    }
+    config
+        .validate()
+        .map_err(|e| ErrorKind::Config.msg(format!("{}", a.config.display())).src(e))?;
+    init_logging(config.log_level.to_filter());
+    let info = certs::join(&config, &token, &certs::http::Abort::new())?;
+    println!(
+        "joined as {}: certificate valid until {}",
+        info.common_name,
+        certs::rfc3339(info.not_after)
+    );
+    for (key, path) in [
+        ("tlsCaFile", &config.tls_ca_file),
+        ("tlsCertFile", &config.tls_cert_file),
+        ("tlsPrivateKeyFile", &config.tls_private_key_file),
+    ] {
+        println!("  {key} {}", path.display());
+    }
+    Ok(0)
 }

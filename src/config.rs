@@ -131,6 +131,9 @@ pub struct Config {
     pub tls_private_key_file: PathBuf,
     /// `<caHash>.<jwt>` join token. Never printed.
     pub token: String,
+    /// A file holding the join token (like HEAD's bootstrap file), used when `token` is empty.
+    /// Read only when there is no usable certificate; left in place after the join.
+    pub token_file: PathBuf,
     pub http_server: String,
     pub rotate_certificates: bool,
     #[serde(rename = "messageQPS")]
@@ -184,6 +187,7 @@ impl Default for Config {
             tls_cert_file: PathBuf::from(DEFAULT_TLS_CERT_FILE),
             tls_private_key_file: PathBuf::from(DEFAULT_TLS_KEY_FILE),
             token: String::new(),
+            token_file: PathBuf::new(),
             http_server: String::new(),
             rotate_certificates: true,
             message_qps: DEFAULT_MESSAGE_QPS,
@@ -246,6 +250,7 @@ impl Config {
             &mut self.tls_ca_file,
             &mut self.tls_cert_file,
             &mut self.tls_private_key_file,
+            &mut self.token_file,
             &mut self.state_dir,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
@@ -332,16 +337,35 @@ impl Config {
                 return bad(key, format!("{n} is below the minimum {min}"));
             }
         }
+        if !self.http_server.is_empty() {
+            crate::certs::http::BaseUrl::parse(&self.http_server)?;
+        }
         for (key, path) in [
             ("tlsCaFile", &self.tls_ca_file),
             ("tlsCertFile", &self.tls_cert_file),
             ("tlsPrivateKeyFile", &self.tls_private_key_file),
         ] {
-            if let Err(e) = std::fs::metadata(path) {
+            let Err(e) = std::fs::metadata(path) else { continue };
+            if !self.has_token() {
                 return Err(ErrorKind::Config.msg(format!("{key}: {}", path.display())).src(e));
+            }
+            // Joining with the token writes the files, from the certificate server.
+            if self.http_server.is_empty() {
+                return bad(
+                    "httpServer",
+                    format!(
+                        "must be set to join with the token ({key} {} is missing)",
+                        path.display()
+                    ),
+                );
             }
         }
         Ok(())
+    }
+
+    /// True when a join token is configured (`token` or `tokenFile`).
+    pub fn has_token(&self) -> bool {
+        !self.token.trim().is_empty() || !self.token_file.as_os_str().is_empty()
     }
 
     /// `wss://<server>/<projectID>/<nodeName>/events` (protocol §2.1).

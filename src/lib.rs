@@ -25,6 +25,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -155,7 +155,8 @@ pub struct OutboxCounters {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    limits: Limits,
+    /// Changed live by a reload. Lock order: `state` before `limits`, never the reverse.
+    limits: Mutex<Limits>,
     /// Rung (capacity 1, so rings coalesce) whenever something is queued; the writer selects on it.
     bell_tx: Sender<()>,
     bell_rx: Receiver<()>,
@@ -258,7 +259,7 @@ impl Outbox {
                 in_flight: VecDeque::new(),
                 in_flight_bytes: 0,
             }),
-            limits,
+            limits: Mutex::new(limits),
             bell_tx,
             bell_rx,
             counters: OutboxCounters::default(),
@@ -289,13 +290,25 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn limits(&self) -> MutexGuard<'_, Limits> {
+        // Plain values replaced whole: a panic elsewhere cannot leave them half-updated.
+        self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies new bounds, rate and policies (a config reload). Messages already queued stay,
+    /// even if they now exceed the bounds; new pushes see the new limits.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits() = limits;
+        self.ring(); // a faster rate may let the writer go now
+    }
+
     fn ring(&self) {
         let _ = self.bell_tx.try_send(()); // full means already rung
     }
 
     fn entry(&self, message: Message, seq: u64, enqueued_ms: i64, spooled: bool) -> Entry {
         let coalesce_key = self
-            .limits
+            .limits()
             .coalesce
             .iter()
             .any(|pattern| message.route.resource.contains(pattern.as_str()))
@@ -326,12 +339,16 @@ impl Outbox {
                 return Ok(index);
             }
         }
+        let (max_messages, max_bytes, full_policy) = {
+            let limits = self.limits();
+            (limits.max_messages, limits.max_bytes, limits.full_policy)
+        };
         let fits = |state: &State| {
-            state.normal.len() + state.in_flight.len() < self.limits.max_messages
-                && state.normal_bytes + state.in_flight_bytes + entry.size <= self.limits.max_bytes
+            state.normal.len() + state.in_flight.len() < max_messages
+                && state.normal_bytes + state.in_flight_bytes + entry.size <= max_bytes
         };
         if !fits(state) {
-            match self.limits.full_policy {
+            match full_policy {
                 FullPolicy::Reject => return Err(entry),
                 FullPolicy::DropOldest => {
                     while !fits(state) {
@@ -415,7 +432,11 @@ impl Outbox {
                 spooled: false,
             });
         }
-        if let Some(ttl) = self.limits.ttl {
+        let (ttl, rate, burst) = {
+            let limits = self.limits();
+            (limits.ttl, f64::from(limits.rate_per_sec), f64::from(limits.burst))
+        };
+        if let Some(ttl) = ttl {
             let oldest_allowed = now_millis() - ttl.as_millis() as i64;
             while state.normal.front().is_some_and(|e| e.enqueued_ms < oldest_allowed) {
                 if let Some(old) = state.pop_front() {
@@ -439,8 +460,7 @@ impl Outbox {
         }
         let elapsed = now.saturating_duration_since(state.refilled_at).as_secs_f64();
         state.refilled_at = now;
-        let rate = f64::from(self.limits.rate_per_sec);
-        state.tokens = (state.tokens + elapsed * rate).min(f64::from(self.limits.burst));
+        state.tokens = (state.tokens + elapsed * rate).min(burst);
         if state.tokens < 1.0 {
             return Next::Wait(Duration::from_secs_f64((1.0 - state.tokens) / rate));
         }
@@ -551,7 +571,8 @@ impl Outbox {
                 };
                 state.normal_bytes += entry.size;
                 state.normal.push_front(entry);
-                state.tokens = (state.tokens + 1.0).min(f64::from(self.limits.burst));
+                let burst = f64::from(self.limits().burst);
+                state.tokens = (state.tokens + 1.0).min(burst);
             }
         }
         drop(state);

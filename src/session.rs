@@ -14,7 +14,11 @@
 //!
 //! Each thread holds an `ExitGuard` that reports why it ended on `done`, even if it panics. The
 //! session's `stop` channel is never sent on; dropping its sender wakes every `select!`.
+//! A rotated certificate (`certs`, thread `eh-certs`) ends the session too: the supervisor's wait
+//! also listens on the `reconnect` channel. Signals are coalesced (capacity 1) and one that
+//! arrives before a dial reads the files is drained, so no stale signal ends a later session.
 
+use crate::certs;
 use crate::config::Config;
 use crate::error::Error;
 use crate::link::{self, Incoming, Link};
@@ -49,6 +53,8 @@ pub enum ExitReason {
     Write(Error),
     /// A session thread could not start, or panicked: a bug or resource exhaustion.
     Fault(String),
+    /// A new certificate was installed; the next dial uses it.
+    CertificateRotated,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -61,6 +67,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Read(e) => write!(f, "read failed: {e}"),
             ExitReason::Write(e) => write!(f, "write failed: {e}"),
             ExitReason::Fault(what) => write!(f, "session fault: {what}"),
+            ExitReason::CertificateRotated => f.write_str("certificate rotated, reconnecting"),
         }
     }
 }
@@ -95,6 +102,9 @@ pub struct Supervisor {
     pub router: Router,
     pub outbox: Arc<Outbox>,
     pub status: Arc<Status>,
+    /// One `()` per installed certificate (from `certs::Rotation`): end the session and redial.
+    /// Its sender must outlive the supervisor (the agent keeps one).
+    pub reconnect: Receiver<()>,
 }
 
 impl Supervisor {
@@ -124,7 +134,7 @@ impl Supervisor {
                         log::info!("{requeued} message(s) not confirmed by the cloud go out again");
                     }
                     match &reason {
-                        ExitReason::Stopped => {
+                        ExitReason::Stopped | ExitReason::CertificateRotated => {
                             log::info!("disconnected from {}: {reason}", link.peer())
                         }
                         ExitReason::Fault(_) => {
@@ -153,8 +163,14 @@ impl Supervisor {
     }
 
     fn dial(&self) -> Result<Link, Error> {
-        // Certificates are re-read on every dial, so a rotated pair is used at once.
-        let tls = link::tls_connector(&self.config)?;
+        // Certificates are re-read on every dial, so a rotated pair is used at once. Under the
+        // pair lock, so a rotation cannot switch the pair between the reads; a reconnect signal
+        // sent before these reads is for the pair read here, so it is dropped.
+        let tls = {
+            let _pair = certs::pair_lock();
+            while self.reconnect.try_recv().is_ok() {}
+            link::tls_connector(&self.config)?
+        };
         link::connect(&self.config, &tls)
     }
 
@@ -185,6 +201,7 @@ impl Supervisor {
                 None => select! {
                     recv(done_rx) -> reason => reason.unwrap_or(ExitReason::Fault("done channel closed".into())),
                     recv(agent_stop) -> _ => ExitReason::Stopped,
+                    recv(self.reconnect) -> _ => ExitReason::CertificateRotated,
                 },
             };
             // Nudge: wake every select! and the reader's poll, then leave the scope (joins all).

@@ -1,13 +1,15 @@
 //! `edgehub-cloudsim`: the CloudHub simulator as a command for the demo and for poking at an agent
 //! by hand. It prints every simulator event as one JSON line on stdout and takes commands, one per
-//! line, on stdin; `gen-certs` writes a throwaway PKI. Everything it does is `edgehub::cloudsim`;
-//! this file only parses arguments, reads files and moves lines.
+//! line, on stdin; `gen-certs` writes a throwaway PKI. With `--https-listen` it also serves
+//! CloudHub's certificate API (join and rotation) and prints a join token at start, on stderr and
+//! as a `{"event":"token",…}` line. Everything it does is `edgehub::cloudsim`; this file only
+//! parses arguments, reads files and moves lines.
 //!
 //! Exit status: 0 on success, 1 when the simulator fails at run time (the port is taken), 2 for a
 //! usage or configuration error (the message names the flag and file).
 
 use argh::FromArgs;
-use edgehub::cloudsim::{CloudSim, Pki, SimConfig, SimEvent};
+use edgehub::cloudsim::{CertServer, CertServerConfig, CloudSim, Pki, SimConfig};
 use edgehub::message::{new_uuid, now_millis};
 use edgehub::Message;
 use std::io::{self, BufRead, Write};
@@ -45,6 +47,16 @@ struct Args {
     /// seconds to wait for an ACK before writing a message again (default 5)
     #[argh(option, default = "5.0")]
     ack_retry: f64,
+    /// also serve CloudHub's certificate HTTPS API (/ca.crt, /edge.crt) on this address
+    /// (127.0.0.1:0 picks a port) and print a join token; needs --ca-key
+    #[argh(option)]
+    https_listen: Option<SocketAddr>,
+    /// CA private key (PEM) for the certificate server: signs certificates and keys join tokens
+    #[argh(option)]
+    ca_key: Option<PathBuf>,
+    /// lifetime of the certificates the certificate server signs, in seconds (default 365 days)
+    #[argh(option, default = "31_536_000")]
+    cert_lifetime: u64,
     /// stop when stdin reaches end of file (default: keep running until killed)
     #[argh(switch)]
     exit_on_eof: bool,
@@ -62,8 +74,8 @@ enum Command {
 }
 
 #[derive(FromArgs)]
-/// Write a throwaway CA, server and client certificate: ca.crt, server.crt, server.key,
-/// client.crt, client.key (SEC1) and client-pkcs8.key.
+/// Write a throwaway CA, server and client certificate: ca.crt, ca.key (for --ca-key),
+/// server.crt, server.key, client.crt, client.key (SEC1) and client-pkcs8.key.
 #[argh(subcommand, name = "gen-certs")]
 struct GenCerts {
     /// directory to write into (created if missing)
@@ -122,8 +134,13 @@ fn main() -> ExitCode {
 fn gen_certs(gen: &GenCerts) -> Result<(), Failure> {
     let pki = Pki::generate(&gen.node).map_err(|e| Failure::Runtime(e.to_string()))?;
     let paths = pki.write_to(&gen.dir).map_err(|e| Failure::Usage(e.to_string()))?;
+    // The certificate server (--https-listen) signs with the CA key.
+    let ca_key = gen.dir.join("ca.key");
+    write_secret(&ca_key, &pki.ca_key_pem)
+        .map_err(|e| Failure::Usage(format!("write {}: {e}", ca_key.display())))?;
     for path in [
         &paths.ca_cert,
+        &ca_key,
         &paths.server_cert,
         &paths.server_key,
         &paths.client_cert,
@@ -135,10 +152,44 @@ fn gen_certs(gen: &GenCerts) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes a file only its owner can read.
+fn write_secret(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents)
+}
+
+/// Starts the certificate server when `--https-listen` asks for it.
+fn start_cert_server(args: &Args) -> Result<Option<CertServer>, Failure> {
+    let Some(listen) = args.https_listen else { return Ok(None) };
+    let ca_key = read_pem("--ca-key", args.ca_key.as_deref())?;
+    let mut cfg = CertServerConfig::new(
+        read_pem("--ca", args.ca.as_deref())?,
+        ca_key,
+        read_pem("--cert", args.cert.as_deref())?,
+        read_pem("--key", args.key.as_deref())?,
+    );
+    cfg.listen = listen;
+    if args.cert_lifetime == 0 {
+        return Err(Failure::Usage("--cert-lifetime 0: must be at least 1 second".to_owned()));
+    }
+    cfg.cert_lifetime = Duration::from_secs(args.cert_lifetime);
+    CertServer::start(cfg).map(Some).map_err(|e| {
+        Failure::Usage(format!("certificate server (--ca-key {}): {e}", show(&args.ca_key)))
+    })
+}
+
 /// Runs the simulator until `quit`, end of stdin with `--exit-on-eof`, or a closed stdout.
 fn serve(args: &Args) -> Result<(), Failure> {
     init_logging(args.verbose);
     let cfg = sim_config(args)?;
+    let certs = start_cert_server(args)?;
     let sim = CloudSim::start(cfg).map_err(|e| Failure::Runtime(e.to_string()))?;
     eprintln!("edgehub-cloudsim: listening on {}", sim.addr());
     // First line, before any event: tells a script which port `--listen 127.0.0.1:0` got.
@@ -147,12 +198,38 @@ fn serve(args: &Args) -> Result<(), Failure> {
     writeln!(out, "{listening}")
         .and_then(|()| out.flush())
         .map_err(|e| Failure::Runtime(format!("write stdout: {e}")))?;
+    let mut cert_printer = None;
+    if let Some(certs) = &certs {
+        let token = certs.token().map_err(|e| Failure::Runtime(format!("mint token: {e}")))?;
+        eprintln!("edgehub-cloudsim: certificate server on {}", certs.url());
+        eprintln!("edgehub-cloudsim: join token: {token}");
+        for line in [
+            serde_json::json!({"event": "cert_server", "url": certs.url()}),
+            serde_json::json!({"event": "token", "token": token}),
+        ] {
+            writeln!(out, "{line}")
+                .and_then(|()| out.flush())
+                .map_err(|e| Failure::Runtime(format!("write stdout: {e}")))?;
+        }
+        let requests_rx = certs.requests();
+        cert_printer = Some(
+            thread::Builder::new()
+                .name("sim-cert-events".to_owned())
+                .spawn(move || print_events(&requests_rx))
+                .map_err(|e| Failure::Runtime(format!("spawn event printer: {e}")))?,
+        );
+    }
     drop(out);
     let events_rx = sim.events();
     let printer = thread::Builder::new()
         .name("sim-events".to_owned())
         .spawn(move || print_events(&events_rx))
         .map_err(|e| Failure::Runtime(format!("spawn event printer: {e}")))?;
+    // Stops the certificate server and joins its printer (which ends once the server is gone).
+    let stop_certs = move || {
+        drop(certs);
+        cert_printer.map_or(Ok(()), join_printer)
+    };
 
     let mut quit = false;
     for line in io::stdin().lock().lines() {
@@ -177,10 +254,12 @@ fn serve(args: &Args) -> Result<(), Failure> {
         // printer only returns when stdout is gone, and then there is no one left to serve.
         let _ = join_printer(printer);
         sim.stop();
+        let _ = stop_certs();
         return Ok(());
     }
     // Stopping drops the event sender, so the printer drains what is left and returns.
     sim.stop();
+    stop_certs()?;
     join_printer(printer)
 }
 
@@ -247,7 +326,7 @@ fn seconds(flag: &str, value: f64) -> Result<Duration, Failure> {
 }
 
 /// Prints each event as one JSON line and flushes, so a reader sees it at once.
-fn print_events(events_rx: &crossbeam_channel::Receiver<SimEvent>) {
+fn print_events<T: serde::Serialize>(events_rx: &crossbeam_channel::Receiver<T>) {
     let stdout = io::stdout();
     for event in events_rx.iter() {
         let line = match serde_json::to_string(&event) {

@@ -2,16 +2,19 @@
 //! WebSocket server that accepts edges the way CloudHub does (protocol §2, §4) and reports
 //! everything it sees as [`SimEvent`]s. It owns the accept loop, the node table and the public
 //! handle; each connection's reading and writing lives in `conn`, the per-node queue rules in
-//! `queues`, and certificate minting in `pki`. It is a test tool, never part of the device binary.
+//! `queues`, certificate minting in `pki`, and CloudHub's certificate HTTPS server (join and
+//! rotation, its own port) in `certserver`. It is a test tool, never part of the device binary.
 //!
 //! Thread model: one `sim-accept` thread, and one `sim-conn` thread per TCP connection that does
 //! the TLS and WebSocket handshakes and then both reads and writes. [`CloudSim::stop`] (or drop)
 //! stops the accept loop, shuts every socket down and joins every thread.
 
+pub mod certserver;
 mod conn;
 pub mod pki;
 mod queues;
 
+pub use certserver::{CertServer, CertServerConfig};
 pub use pki::{Pki, PkiPaths};
 pub use queues::Class;
 
