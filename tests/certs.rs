@@ -389,7 +389,6 @@ mod binary {
             "tlsCertFile": c.tls_cert_file,
             "tlsPrivateKeyFile": c.tls_private_key_file,
             "stateDir": j.edge.path().join("state"),
-            "localApiSocket": j.edge.path().join("api.sock"),
         });
         if let Some(token) = token {
             json["token"] = token.into();
