@@ -369,6 +369,38 @@ fn w19_crash_between_the_two_writes_leaves_a_consistent_pair_on_restart() {
     }
 }
 
+#[test]
+fn stopping_the_agent_cancels_a_certificate_request_in_flight() {
+    let _w = watchdog(Duration::from_secs(30));
+    let cloud = Cloud::start();
+    // A server that accepts TCP and then never answers: the TLS handshake would wait 30 s.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = cloud.config();
+    config.http_server = format!("https://{}", black_hole.local_addr().unwrap());
+    config.token =
+        mint_token(&cloud.pki.ca_cert_pem, &cloud.pki.ca_key_pem, unix_now() + 60).unwrap();
+    // An expired certificate makes the rotation thread renew at once, with the token.
+    let dir = TempDir::new("expired");
+    let (cert, key) = cloud.pki.issue_client(NODE, -10, -1).unwrap();
+    config.tls_cert_file = dir.path().join("edge.crt");
+    config.tls_private_key_file = dir.path().join("edge.key");
+    std::fs::write(&config.tls_cert_file, cert).unwrap();
+    std::fs::write(&config.tls_private_key_file, key).unwrap();
+    let (accepted_tx, accepted_rx) = crossbeam_channel::bounded(1);
+    let acceptor = std::thread::spawn(move || {
+        let (socket, _) = black_hole.accept().unwrap();
+        accepted_tx.send(()).unwrap();
+        socket // held open until the test ends
+    });
+    let agent = Agent::start(config, vec![]).unwrap();
+    recv_within(&accepted_rx, "the rotation's connection to the black hole");
+    let stopping = Instant::now();
+    agent.stop();
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(2), "stop waited {took:?} for the request");
+    drop(acceptor.join().unwrap());
+}
+
 fn serial_of_pem(pem: &[u8]) -> String {
     let cert = openssl::x509::X509::from_pem(pem).unwrap();
     cert.serial_number().to_bn().unwrap().to_hex_str().unwrap().to_ascii_lowercase()

@@ -25,6 +25,9 @@ const MAX_HEAD_BYTES: usize = 16 << 10;
 const MAX_QUOTED_BODY: usize = 512;
 /// Bytes read per call.
 const READ_CHUNK_BYTES: usize = 8 << 10;
+/// A connect is tried in slices of this, checking for an abort in between: a connect cannot be
+/// woken from outside, and a stop must not wait for a black-holed server's full timeout.
+const CONNECT_SLICE: Duration = Duration::from_secs(1);
 
 /// `https://host[:port][/prefix]`: edgecore's `httpServer` (protocol §6). Paths are appended to
 /// the prefix, as edgecore concatenates them (§5.1); a trailing slash is dropped so that
@@ -186,7 +189,7 @@ pub fn get(
     let url = base.url(request.path);
     log::debug!("certificate request: GET {url} ({} byte body)", request.body.len());
     let deadline = Instant::now() + timeout;
-    let tcp = dial(base, deadline, &url)?;
+    let tcp = dial(base, deadline, &url, abort)?;
     abort.register(&tcp)?;
     let result = exchange(base, request, tls, tcp, deadline, &url);
     abort.unregister();
@@ -202,23 +205,33 @@ pub fn get(
     }
 }
 
-fn dial(base: &BaseUrl, deadline: Instant, url: &str) -> Result<TcpStream> {
+fn dial(base: &BaseUrl, deadline: Instant, url: &str, abort: &Abort) -> Result<TcpStream> {
     let authority = base.authority();
     let addrs = (base.host.as_str(), base.port)
         .to_socket_addrs()
         .map_err(|e| ErrorKind::Handshake.msg(format!("resolve {authority} for {url}")).src(e))?;
     let mut last = ErrorKind::Handshake.msg(format!("resolve {authority}: no addresses"));
     for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ErrorKind::Timeout.msg(format!("connect {addr} for {url}")));
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                last = ErrorKind::Timeout.msg(format!("connect {addr} for {url}")).src(e)
+        loop {
+            if abort.is_fired() {
+                return Err(ErrorKind::Stopped.msg(format!("GET {url} cancelled")));
             }
-            Err(e) => last = ErrorKind::Handshake.msg(format!("connect {addr} for {url}")).src(e),
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::Timeout.msg(format!("connect {addr} for {url}")));
+            }
+            match TcpStream::connect_timeout(&addr, left.min(CONNECT_SLICE)) {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && left > CONNECT_SLICE => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    last = ErrorKind::Timeout.msg(format!("connect {addr} for {url}")).src(e);
+                    break;
+                }
+                Err(e) => {
+                    last = ErrorKind::Handshake.msg(format!("connect {addr} for {url}")).src(e);
+                    break;
+                }
+            }
         }
     }
     Err(last)
