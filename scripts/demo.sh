@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo, and the README's main command. Builds edgehub and the CloudHub simulator, makes a
-# throwaway CA, runs the agent against the simulator on 127.0.0.1 and narrates what happens on the
-# wire: connect, keepalives, a ConfigMap pushed and ACKed once stored, node status sent up, a
-# forced disconnect and the reconnect. Exits 0 by itself (non-zero if a step does not happen).
+# throwaway CA, runs the agent against the simulator on 127.0.0.1 and narrates what happens: a
+# join with a KubeEdge token, connect, keepalives, a ConfigMap pushed and ACKed once stored, node
+# status sent up, a forced disconnect and the reconnect, a certificate rotation. Exits 0 by itself
+# (non-zero if a step does not happen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -38,40 +39,50 @@ wait_for() {
   done
 }
 # show FILE PATTERN: the last matching line, shortened for the screen.
-show() { grep -- "$2" "$1" | tail -n 1 | cut -c1-220 | sed 's/^/   /'; }
+show() { { grep -- "$2" "$1" || true; } | tail -n 1 | cut -c1-220 | sed 's/^/   /'; }
 
-say "0. a throwaway CA, server and client certificates (ECDSA P-256, client CN system:node:$node)"
+say "0. a throwaway cloud CA and server certificate (the edge gets its own by joining)"
 "$bin/edgehub-cloudsim" gen-certs --dir "$work/pki" --node "$node" >/dev/null
 ls "$work/pki" | sed 's/^/   /'
 
 mkfifo "$work/sim.in"
 "$bin/edgehub-cloudsim" --listen 127.0.0.1:0 --ca "$work/pki/ca.crt" \
   --cert "$work/pki/server.crt" --key "$work/pki/server.key" \
+  --https-listen 127.0.0.1:0 --ca-key "$work/pki/ca.key" --cert-lifetime 30 \
   <"$work/sim.in" >"$work/sim.events" 2>"$work/sim.log" &
 sim_pid=$!
 exec 3>"$work/sim.in" # keep the simulator's stdin open; commands go here
 wait_for "$work/sim.log" "listening on"
 addr=$(grep -o 'listening on [0-9.:]*' "$work/sim.log" | head -n 1 | awk '{print $3}')
-echo "   simulated CloudHub on $addr"
+wait_for "$work/sim.events" '"event":"token"'
+https=$(grep -o 'certificate server on [^ ]*' "$work/sim.log" | head -n 1 | awk '{print $4}')
+grep -o '"token":"[^"]*"' "$work/sim.events" | head -n 1 | cut -d'"' -f4 >"$work/token"
+echo "   simulated CloudHub on $addr, its certificate server on $https"
+echo "   join token (keadm gettoken's format, <sha256 of CA>.<jwt>): $(cut -c1-24 "$work/token")..."
 
 cat >"$work/config.json" <<JSON
 {
   "nodeName": "$node",
   "heartbeat": 2,
   "websocket": {"server": "$addr", "readDeadline": 6},
-  "tlsCaFile": "pki/ca.crt",
-  "tlsCertFile": "pki/client.crt",
-  "tlsPrivateKeyFile": "pki/client.key",
+  "httpServer": "$https",
+  "tokenFile": "token",
+  "tlsCaFile": "certs/ca.crt",
+  "tlsCertFile": "certs/edge.crt",
+  "tlsPrivateKeyFile": "certs/edge.key",
   "stateDir": "state",
   "nodeStatusInterval": 30,
   "reconnectJitter": 0.5
 }
 JSON
-say "1. edgehub run (heartbeat 2 s, so the reconnect wait is 4 s)"
+say "1. edgehub run: no certificate yet, so it joins with the token, then connects (heartbeat 2 s)"
 "$bin/edgehub" check-config --config "$work/config.json" >/dev/null
 "$bin/edgehub" run --config "$work/config.json" 2>"$work/agent.log" &
 agent_pid=$!
 wait_for "$work/sim.events" '"event":"connected"'
+wait_for "$work/agent.log" "connected to"
+show "$work/agent.log" "matches the token"
+show "$work/agent.log" "joined as"
 show "$work/sim.events" '"event":"connected"'
 show "$work/agent.log" "connected to"
 
@@ -96,10 +107,18 @@ echo "cut $node" >&3
 wait_for "$work/sim.events" '"event":"disconnected"'
 show "$work/sim.events" '"event":"disconnected"'
 wait_for "$work/sim.events" '"event":"connected"' 2
+wait_for "$work/agent.log" "connected to" 2
 show "$work/agent.log" "reconnecting in"
 show "$work/agent.log" "connected to"
 
-say "6. stop"
+say "6. the certificate is rotated at 70-90 % of its 30 s life: new key, over mutual TLS, then reconnect"
+wait_for "$work/agent.log" "certificate rotated" 1 40
+show "$work/agent.log" "rotation at"
+show "$work/agent.log" "certificate rotated"
+wait_for "$work/sim.events" '"event":"connected"' 3 20
+grep '"event":"cert_request"' "$work/sim.events" | cut -c1-160 | sed 's/^/   /'
+
+say "7. stop"
 kill -TERM "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
 echo "   keepalives seen by the cloud: $(grep -c '"operation":"keepalive"' "$work/sim.events")"
 echo "   sessions: $(grep -c '"event":"connected"' "$work/sim.events"), ACKs: $(grep -c '"event":"ack"' "$work/sim.events")"
