@@ -116,7 +116,7 @@ pub fn init_logging(level: log::LevelFilter) {
 /// stored) and the node status reporter.
 pub fn builtin_modules(config: &Config) -> Vec<ModuleSpec> {
     vec![
-        meta_store::spec(config.state_dir.clone()),
+        meta_store::spec(config.state_dir.clone(), None).0,
         node_status::spec(config.node_name.clone(), config.node_status_interval.0),
     ]
 }

@@ -47,6 +47,10 @@ struct Args {
     /// seconds to wait for an ACK before writing a message again (default 5)
     #[argh(option, default = "5.0")]
     ack_retry: f64,
+    /// ack-queue messages in flight per node (default 1, CloudHub's behaviour); more pushes
+    /// without waiting for ACKs, for benchmarks
+    #[argh(option, default = "1")]
+    ack_window: usize,
     /// also serve CloudHub's certificate HTTPS API (/ca.crt, /edge.crt) on this address
     /// (127.0.0.1:0 picks a port) and print a join token; needs --ca-key
     #[argh(option)]
@@ -296,6 +300,10 @@ fn sim_config(args: &Args) -> Result<SimConfig, Failure> {
     }
     cfg.keepalive_timeout = seconds("--keepalive-timeout", args.keepalive_timeout)?;
     cfg.ack_retry_interval = seconds("--ack-retry", args.ack_retry)?;
+    if args.ack_window == 0 {
+        return Err(Failure::Usage("--ack-window 0: must be at least 1".to_owned()));
+    }
+    cfg.ack_window = args.ack_window;
     Ok(cfg)
 }
 

@@ -30,6 +30,9 @@ const READ_SLICE: Duration = Duration::from_millis(20);
 const WRITE_SLICE: Duration = Duration::from_millis(50);
 /// How long a new connection waits for the connection it replaces to finish.
 const REPLACE_WAIT: Duration = Duration::from_secs(5);
+/// Most ack-queue steps (writes, give-ups) per pass, so reads and the keepalive timer still run
+/// between them when the ack window is wide.
+const MAX_ACK_STEPS_PER_PASS: usize = 1024;
 
 type Ws = WebSocket<SslStream<TcpStream>>;
 
@@ -375,24 +378,40 @@ impl Session<'_> {
             }
         }
         let timing = self.shared.cfg.ack_timing();
-        let (no_ack, ack_step) = {
+        let no_ack = {
             let mut nodes = self.shared.nodes();
-            let Some(entry) = nodes.get_mut(&self.node) else { return Ok(()) };
-            if !entry.conn.as_ref().is_some_and(|c| c.id == self.ctl.id) {
-                return Ok(());
+            match nodes.get_mut(&self.node) {
+                Some(entry) if entry.conn.as_ref().is_some_and(|c| c.id == self.ctl.id) => {
+                    entry.queues.take_no_ack()
+                }
+                _ => return Ok(()),
             }
-            let no_ack = entry.queues.take_no_ack();
-            (no_ack, entry.queues.next_ack_step(Instant::now(), timing))
         };
         for item in &no_ack {
             self.write(item, 1)?;
         }
-        match ack_step {
-            Some(AckStep::Write { item, attempt }) => self.write(&item, attempt)?,
-            Some(AckStep::GaveUp { msg_id }) => {
-                self.shared.emit(SimEvent::GaveUp { node: self.node.clone(), msg_id })
+        // One step at a time: once the socket is full, stop taking messages off the queue (they
+        // would only pile up in tungstenite's buffer) and go back to reading ACKs.
+        for _ in 0..MAX_ACK_STEPS_PER_PASS {
+            if self.write_pending {
+                break;
             }
-            None => {}
+            let step = {
+                let mut nodes = self.shared.nodes();
+                match nodes.get_mut(&self.node) {
+                    Some(entry) if entry.conn.as_ref().is_some_and(|c| c.id == self.ctl.id) => {
+                        entry.queues.next_ack_step(Instant::now(), timing)
+                    }
+                    _ => None,
+                }
+            };
+            match step {
+                Some(AckStep::Write { item, attempt }) => self.write(&item, attempt)?,
+                Some(AckStep::GaveUp { msg_id }) => {
+                    self.shared.emit(SimEvent::GaveUp { node: self.node.clone(), msg_id })
+                }
+                None => break,
+            }
         }
         Ok(())
     }
@@ -430,6 +449,7 @@ impl Session<'_> {
             node: self.node.clone(),
             msg_id: item.msg_id.clone(),
             attempt,
+            at: Instant::now(),
         });
         Ok(())
     }

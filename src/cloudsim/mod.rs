@@ -47,6 +47,8 @@ pub const DEFAULT_ACK_REQUEUE_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_FRAGMENT_BYTES: usize = 4096;
 /// Largest upstream message accepted. CloudHub has no limit (protocol §2.7); this bounds memory.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Ack-queue messages in flight per node: CloudHub sends the next only once the last is ACKed.
+pub const DEFAULT_ACK_WINDOW: usize = 1;
 
 /// How the simulator listens and behaves. Build with [`SimConfig::new`] and change fields.
 #[derive(Clone)]
@@ -72,6 +74,10 @@ pub struct SimConfig {
     pub fragment_size: usize,
     /// Largest upstream message (and frame) accepted. Default 64 MiB.
     pub max_message_size: usize,
+    /// Ack-queue messages written before their ACKs come back, per node. Default 1, which is
+    /// CloudHub; more lets a benchmark push without waiting for ACKs (each message still resends
+    /// on its own timer until ACKed).
+    pub ack_window: usize,
 }
 
 impl SimConfig {
@@ -88,6 +94,7 @@ impl SimConfig {
             ack_requeue_delay: DEFAULT_ACK_REQUEUE_DELAY,
             fragment_size: DEFAULT_FRAGMENT_BYTES,
             max_message_size: DEFAULT_MAX_MESSAGE_BYTES,
+            ack_window: DEFAULT_ACK_WINDOW,
         }
     }
 
@@ -96,6 +103,7 @@ impl SimConfig {
             retry_interval: self.ack_retry_interval,
             max_writes: self.ack_max_writes.max(1),
             requeue_delay: self.ack_requeue_delay,
+            window: self.ack_window.max(1),
         }
     }
 }
@@ -111,6 +119,7 @@ impl fmt::Debug for SimConfig {
             .field("ack_requeue_delay", &self.ack_requeue_delay)
             .field("fragment_size", &self.fragment_size)
             .field("max_message_size", &self.max_message_size)
+            .field("ack_window", &self.ack_window)
             .finish_non_exhaustive()
     }
 }
@@ -146,7 +155,14 @@ pub enum SimEvent {
     /// A node's connection ended: `keepalive timeout`, `replaced`, `cut`, `eof`, `read error: …`, …
     Disconnected { node: String, reason: String },
     /// A downstream write. Ack-queue resends carry attempt 2, 3, …; raw frames have an empty ID.
-    Sent { node: String, msg_id: String, attempt: u32 },
+    Sent {
+        node: String,
+        msg_id: String,
+        attempt: u32,
+        /// When the write finished (for latency measurements).
+        #[serde(skip)]
+        at: Instant,
+    },
     /// An ack-queue message went unacknowledged `ack_max_writes` times; it was put at the back of
     /// the queue and the queue rests for `ack_requeue_delay`.
     GaveUp { node: String, msg_id: String },
@@ -333,7 +349,7 @@ impl CloudSim {
         self.shared.nodes().get(node).is_some_and(|n| n.conn.is_some())
     }
 
-    /// The ID of the node's ack-queue message now waiting for an ACK, if any.
+    /// The ID of the node's (oldest) ack-queue message now waiting for an ACK, if any.
     pub fn in_flight(&self, node: &str) -> Option<String> {
         self.shared.nodes().get(node).and_then(|n| n.queues.in_flight_id().map(str::to_owned))
     }

@@ -1,7 +1,8 @@
 //! The simulator's per-node downstream state, kept free of sockets so its rules can be tested on
 //! their own: how CloudHub sorts a message into the no-ack or the ack queue (protocol §4.4), and the
-//! ack queue's one-in-flight, resend, give-up and requeue timing. The connection thread in `conn`
-//! asks it what to write next and tells it about ACKs and new connections.
+//! ack queue's one-in-flight (or, for benchmarks, `window`-in-flight), resend, give-up and requeue
+//! timing. The connection thread in `conn` asks it what to write next and tells it about ACKs and
+//! new connections.
 
 use crate::message::{group, operation, Message};
 use std::collections::VecDeque;
@@ -83,7 +84,7 @@ impl Downstream {
     }
 }
 
-/// The ack-queue message currently waiting for its ACK.
+/// An ack-queue message waiting for its ACK.
 #[derive(Clone, Debug)]
 struct InFlight {
     msg: Message,
@@ -108,6 +109,8 @@ pub struct AckTiming {
     pub retry_interval: Duration,
     pub max_writes: u32,
     pub requeue_delay: Duration,
+    /// Messages in flight at once; CloudHub's is 1. At least 1.
+    pub window: usize,
 }
 
 /// A node's downstream queues. They outlive connections: a message pushed while the node is away
@@ -116,7 +119,8 @@ pub struct AckTiming {
 pub struct NodeQueues {
     no_ack: VecDeque<Downstream>,
     ack: VecDeque<Message>,
-    in_flight: Option<InFlight>,
+    /// Oldest first; at most `AckTiming::window` (CloudHub: one).
+    in_flight: VecDeque<InFlight>,
     /// After a give-up the sender rests, as ref's `sendMsg` sleeps 2 s before the next message.
     paused_until: Option<Instant>,
 }
@@ -138,54 +142,59 @@ impl NodeQueues {
     /// A new connection took over: whatever was in flight may never have reached the edge, so it
     /// is written again at once with a fresh round of attempts.
     pub fn on_new_connection(&mut self, now: Instant) {
-        if let Some(in_flight) = &mut self.in_flight {
+        for in_flight in &mut self.in_flight {
             in_flight.writes = 0;
             in_flight.due = now;
         }
     }
 
-    /// An upstream `response` arrived. Returns true when it closes the in-flight message.
+    /// An upstream `response` arrived. Returns true when it closes an in-flight message.
     pub fn on_response(&mut self, parent_id: &str) -> bool {
-        let matches = self.in_flight.as_ref().is_some_and(|f| f.msg.header.id == parent_id);
-        if matches {
-            self.in_flight = None;
+        let found = self.in_flight.iter().position(|f| f.msg.header.id == parent_id);
+        if let Some(index) = found {
+            self.in_flight.remove(index);
         }
-        matches
+        found.is_some()
     }
 
-    /// The ID of the message waiting for its ACK, if any.
+    /// The ID of the oldest message waiting for its ACK, if any.
     pub fn in_flight_id(&self) -> Option<&str> {
-        self.in_flight.as_ref().map(|f| f.msg.header.id.as_str())
+        self.in_flight.front().map(|f| f.msg.header.id.as_str())
     }
 
-    /// Advances the ack queue to `now`: starts the next message, resends, or gives up.
+    /// Advances the ack queue to `now` by one step: resends or gives up on an in-flight message
+    /// that is due, or else starts the next message if the window has room. Call it until it
+    /// returns `None` to do everything that is due.
     pub fn next_ack_step(&mut self, now: Instant, timing: AckTiming) -> Option<AckStep> {
-        if self.in_flight.is_none() {
-            if self.paused_until.is_some_and(|until| now < until) {
-                return None;
+        if let Some(index) = self.in_flight.iter().position(|f| now >= f.due) {
+            if self.in_flight[index].writes >= timing.max_writes {
+                let msg = self.in_flight.remove(index)?.msg;
+                let msg_id = msg.header.id.clone();
+                self.ack.push_back(msg);
+                self.paused_until = Some(now + timing.requeue_delay);
+                return Some(AckStep::GaveUp { msg_id });
             }
-            self.paused_until = None;
-            let msg = self.ack.pop_front()?;
-            self.in_flight = Some(InFlight { msg, writes: 0, due: now });
+            return Some(write_step(&mut self.in_flight[index], now, timing));
         }
-        let in_flight = self.in_flight.as_mut()?;
-        if now < in_flight.due {
+        if self.in_flight.len() >= timing.window.max(1) {
             return None;
         }
-        if in_flight.writes >= timing.max_writes {
-            let msg = self.in_flight.take()?.msg;
-            let msg_id = msg.header.id.clone();
-            self.ack.push_back(msg);
-            self.paused_until = Some(now + timing.requeue_delay);
-            return Some(AckStep::GaveUp { msg_id });
+        if self.paused_until.is_some_and(|until| now < until) {
+            return None;
         }
-        in_flight.writes += 1;
-        in_flight.due = now + timing.retry_interval;
-        Some(AckStep::Write {
-            item: Downstream::message(&in_flight.msg),
-            attempt: in_flight.writes,
-        })
+        self.paused_until = None;
+        let msg = self.ack.pop_front()?;
+        self.in_flight.push_back(InFlight { msg, writes: 0, due: now });
+        let started = self.in_flight.back_mut()?;
+        Some(write_step(started, now, timing))
     }
+}
+
+/// Counts one more write of `in_flight` and schedules the next.
+fn write_step(in_flight: &mut InFlight, now: Instant, timing: AckTiming) -> AckStep {
+    in_flight.writes += 1;
+    in_flight.due = now + timing.retry_interval;
+    AckStep::Write { item: Downstream::message(&in_flight.msg), attempt: in_flight.writes }
 }
 
 #[cfg(test)]
@@ -243,6 +252,7 @@ mod tests {
             retry_interval: Duration::from_secs(5),
             max_writes: 2,
             requeue_delay: Duration::from_secs(2),
+            window: 1,
         };
         let (a, b) = (
             msg("e", "resource", "insert", "ns/pod/a", "1"),
@@ -278,5 +288,44 @@ mod tests {
             q.next_ack_step(t0 + 13 * s, timing),
             Some(AckStep::Write { attempt: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_wider_window_keeps_several_in_flight_and_acks_any_of_them() {
+        let timing = AckTiming {
+            retry_interval: Duration::from_secs(5),
+            max_writes: 5,
+            requeue_delay: Duration::from_secs(2),
+            window: 3,
+        };
+        let msgs: Vec<Message> =
+            (0..4).map(|i| msg("e", "resource", "insert", &format!("ns/pod/{i}"), "1")).collect();
+        let mut q = NodeQueues::default();
+        msgs.iter().for_each(|m| q.push_ack(m.clone()));
+        let t0 = Instant::now();
+        let mut written = Vec::new();
+        while let Some(step) = q.next_ack_step(t0, timing) {
+            let AckStep::Write { item, attempt: 1 } = step else { panic!("{step:?}") };
+            written.push(item.msg_id);
+        }
+        let ids: Vec<String> = msgs.iter().map(|m| m.header.id.clone()).collect();
+        assert_eq!(written, ids[..3], "three in flight, the fourth waits");
+        assert!(q.on_response(&ids[1]), "any in-flight message can be acked");
+        assert!(
+            matches!(q.next_ack_step(t0, timing), Some(AckStep::Write { ref item, .. }) if item.msg_id == ids[3])
+        );
+        assert!(q.next_ack_step(t0, timing).is_none());
+        assert_eq!(q.in_flight_id(), Some(ids[0].as_str()), "oldest first");
+        let resent: Vec<String> = std::iter::from_fn(|| q.next_ack_step(t0 + 5 * s(), timing))
+            .map(|step| match step {
+                AckStep::Write { item, attempt: 2 } => item.msg_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(resent, [ids[0].clone(), ids[2].clone(), ids[3].clone()]);
+    }
+
+    fn s() -> Duration {
+        Duration::from_secs(1)
     }
 }
