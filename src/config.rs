@@ -30,6 +30,13 @@ pub const DEFAULT_MODULE_INBOX_CAP: usize = 256;
 pub const DEFAULT_RECONNECT_JITTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_NODE_STATUS_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
+pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
+pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 256;
+pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
+/// Longest local API socket path: `sun_path` holds 107 bytes, and binding first at a temporary
+/// `<path>.<pid>` (then renaming) needs room for up to 8 more.
+pub const MAX_LOCAL_API_SOCKET_BYTES: usize = 99;
 pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_SPOOL_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Resource substrings of status-like messages where only the latest unsent one matters.
@@ -175,6 +182,15 @@ pub struct Config {
     pub request_timeout: Seconds,
     /// How often the node status is reported (also at every connect).
     pub node_status_interval: Seconds,
+    /// Unix socket of the local API (mode 0660), for device mappers, scripts and the CLI client.
+    pub local_api_socket: PathBuf,
+    /// Local API clients connected at once; more are refused with an error line.
+    pub local_api_max_clients: usize,
+    /// Lines (replies and events) queued per local client; a client that lets it overflow is
+    /// disconnected, so a slow reader never stalls the agent.
+    pub local_client_queue: usize,
+    /// Longest request line a local client may send; a longer one gets an error reply.
+    pub local_api_max_line_bytes: usize,
 }
 
 impl Default for Config {
@@ -209,6 +225,10 @@ impl Default for Config {
             reconnect_jitter: Seconds(DEFAULT_RECONNECT_JITTER),
             request_timeout: Seconds(DEFAULT_REQUEST_TIMEOUT),
             node_status_interval: Seconds(DEFAULT_NODE_STATUS_INTERVAL),
+            local_api_socket: PathBuf::from(DEFAULT_LOCAL_API_SOCKET),
+            local_api_max_clients: DEFAULT_LOCAL_API_MAX_CLIENTS,
+            local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
+            local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
         }
     }
 }
@@ -252,6 +272,7 @@ impl Config {
             &mut self.tls_private_key_file,
             &mut self.token_file,
             &mut self.state_dir,
+            &mut self.local_api_socket,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = dir.join(&*p);
@@ -316,6 +337,16 @@ impl Config {
             );
         }
         validate_server(&self.websocket.server)?;
+        let socket_len = self.local_api_socket.as_os_str().len();
+        if socket_len == 0 || socket_len > MAX_LOCAL_API_SOCKET_BYTES {
+            return bad(
+                "localApiSocket",
+                format!(
+                    "{} is {socket_len} bytes (1 to {MAX_LOCAL_API_SOCKET_BYTES})",
+                    self.local_api_socket.display()
+                ),
+            );
+        }
         for (key, d) in [
             ("websocket.handshakeTimeout", self.websocket.handshake_timeout),
             ("websocket.readDeadline", self.websocket.read_deadline),
@@ -332,6 +363,9 @@ impl Config {
             ("outboxMaxMessages", self.outbox_max_messages, 1),
             ("outboxMaxBytes", self.outbox_max_bytes, 1024),
             ("moduleInboxCapacity", self.module_inbox_capacity, 1),
+            ("localApiMaxClients", self.local_api_max_clients, 1),
+            ("localClientQueue", self.local_client_queue, 1),
+            ("localApiMaxLineBytes", self.local_api_max_line_bytes, 1024),
         ] {
             if n < min {
                 return bad(key, format!("{n} is below the minimum {min}"));

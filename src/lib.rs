@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod link;
+pub mod local_client;
 pub mod message;
 pub mod modules;
 pub mod outbox;
