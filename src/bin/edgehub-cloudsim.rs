@@ -9,7 +9,9 @@
 //! usage or configuration error (the message names the flag and file).
 
 use argh::FromArgs;
-use edgehub::cloudsim::{CertServer, CertServerConfig, CloudSim, Pki, SimConfig};
+use edgehub::cloudsim::{
+    load, CertServer, CertServerConfig, CloudSim, LoadConfig, Pki, SendClass, SimConfig,
+};
 use edgehub::message::{new_uuid, now_millis};
 use edgehub::Message;
 use std::io::{self, BufRead, Write};
@@ -51,6 +53,20 @@ struct Args {
     /// without waiting for ACKs, for benchmarks
     #[argh(option, default = "1")]
     ack_window: usize,
+    /// load mode for benchmarks: bench messages per second to each connected node (0: none,
+    /// only measure and answer bench requests; -1: as fast as the edge takes them); prints
+    /// load_stats lines and a load_summary instead of one line per message
+    #[argh(option)]
+    send_rate: Option<i64>,
+    /// load mode: bytes of bench content per message (default 130)
+    #[argh(option, default = "130")]
+    send_size: usize,
+    /// load mode: ack (resource updates, one ACK each) or noack (user publishes; default)
+    #[argh(option, default = "SendClass::NoAck")]
+    send_class: SendClass,
+    /// load mode: seconds between load_stats lines (default 5)
+    #[argh(option, default = "5.0")]
+    stats_every: f64,
     /// also serve CloudHub's certificate HTTPS API (/ca.crt, /edge.crt) on this address
     /// (127.0.0.1:0 picks a port) and print a join token; needs --ca-key
     #[argh(option)]
@@ -193,6 +209,7 @@ fn start_cert_server(args: &Args) -> Result<Option<CertServer>, Failure> {
 fn serve(args: &Args) -> Result<(), Failure> {
     init_logging(args.verbose);
     let cfg = sim_config(args)?;
+    let load_config = cfg.load.clone();
     let certs = start_cert_server(args)?;
     let sim = CloudSim::start(cfg).map_err(|e| Failure::Runtime(e.to_string()))?;
     eprintln!("edgehub-cloudsim: listening on {}", sim.addr());
@@ -225,9 +242,13 @@ fn serve(args: &Args) -> Result<(), Failure> {
     }
     drop(out);
     let events_rx = sim.events();
+    let stats_every = seconds("--stats-every", args.stats_every)?;
     let printer = thread::Builder::new()
         .name("sim-events".to_owned())
-        .spawn(move || print_events(&events_rx))
+        .spawn(move || match load_config {
+            Some(load) => report_load(&events_rx, &load, stats_every),
+            None => print_events(&events_rx),
+        })
         .map_err(|e| Failure::Runtime(format!("spawn event printer: {e}")))?;
     // Stops the certificate server and joins its printer (which ends once the server is gone).
     let stop_certs = move || {
@@ -304,6 +325,7 @@ fn sim_config(args: &Args) -> Result<SimConfig, Failure> {
         return Err(Failure::Usage("--ack-window 0: must be at least 1".to_owned()));
     }
     cfg.ack_window = args.ack_window;
+    cfg.load = args.send_rate.map(|rate| LoadConfig::new(rate, args.send_size, args.send_class));
     Ok(cfg)
 }
 
@@ -331,6 +353,19 @@ fn seconds(flag: &str, value: f64) -> Result<Duration, Failure> {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(Failure::Usage(format!("{flag} {value}: must be a positive number of seconds"))),
     }
+}
+
+/// Load mode: prints load statistics (see `edgehub::cloudsim::load`) instead of message events.
+fn report_load(
+    events_rx: &crossbeam_channel::Receiver<edgehub::cloudsim::SimEvent>,
+    load: &LoadConfig,
+    every: Duration,
+) {
+    let stdout = io::stdout();
+    load::report(events_rx, load, every, &mut |line| {
+        let mut out = stdout.lock();
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    });
 }
 
 /// Prints each event as one JSON line and flushes, so a reader sees it at once.

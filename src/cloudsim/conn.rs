@@ -4,6 +4,7 @@
 //! hand out (§4.4), fragmenting long messages the way gorilla does (§2.4). The queue rules
 //! themselves live in `queues`; the node table and the public handle in the parent module.
 
+use super::load::{self, Generator};
 use super::queues::{AckStep, Downstream};
 use super::{lock, Shared, SimEvent};
 use crate::message::{operation, Message};
@@ -168,6 +169,7 @@ pub(super) fn serve(shared: &Shared, ctl: Arc<ConnCtl>, tcp: TcpStream) {
         ws,
         keepalive_deadline: Instant::now() + shared.cfg.keepalive_timeout,
         write_pending: false,
+        load: shared.cfg.load.as_ref().map(|load| Generator::new(load, Instant::now())),
     };
     let own_reason = session.run();
     let reason = ctl.close_reason().unwrap_or(own_reason);
@@ -195,6 +197,9 @@ fn handshake(shared: &Shared, ctl: &ConnCtl, tcp: TcpStream) -> Option<(Ws, Upgr
         reject(format!("set handshake timeouts: {e}"));
         return None;
     }
+    // Go sets TCP_NODELAY on every TCP connection, so CloudHub's small frames are never held back
+    // by Nagle waiting for the edge's delayed ACK.
+    let _ = tcp.set_nodelay(true);
     let tls = match shared.acceptor.accept(tcp) {
         Ok(tls) => tls,
         Err(e) => {
@@ -254,7 +259,8 @@ fn handshake(shared: &Shared, ctl: &ConnCtl, tcp: TcpStream) -> Option<(Ws, Upgr
             return None;
         }
     };
-    if let Err(e) = set_timeouts(ws.get_ref().get_ref(), Some(READ_SLICE), Some(WRITE_SLICE)) {
+    let read_slice = if shared.cfg.load.is_some() { load::LOAD_READ_SLICE } else { READ_SLICE };
+    if let Err(e) = set_timeouts(ws.get_ref().get_ref(), Some(read_slice), Some(WRITE_SLICE)) {
         reject(format!("set session timeouts: {e}"));
         return None;
     }
@@ -286,6 +292,8 @@ struct Session<'a> {
     /// tungstenite holds bytes a timed-out write could not send; nothing new is queued until
     /// they are out.
     write_pending: bool,
+    /// Load mode's downstream schedule (`SimConfig::load`).
+    load: Option<Generator>,
 }
 
 impl Session<'_> {
@@ -300,6 +308,7 @@ impl Session<'_> {
                 self.ctl.close("keepalive timeout");
                 return "keepalive timeout".to_owned();
             }
+            self.generate_load();
             if let Err(reason) = self.write_queued() {
                 return reason;
             }
@@ -357,6 +366,8 @@ impl Session<'_> {
             nodes.get_mut(&self.node).is_some_and(|n| n.queues.on_response(&msg.header.parent_id))
         };
         let control_reply = msg.is_control().then(|| msg.control_ack());
+        // Load mode answers bench requests at once, like a control operation.
+        let control_reply = control_reply.or_else(|| self.shared.cfg.load.as_ref()?.answer(&msg));
         let parent_id = msg.header.parent_id.clone();
         self.shared.emit(SimEvent::Received { node: self.node.clone(), msg, at: Instant::now() });
         if acked {
@@ -366,6 +377,19 @@ impl Session<'_> {
             // viaduct answers config/ping/pong operations itself (protocol §2.8). A failed write
             // shows up on the next read.
             let _ = self.write(&Downstream::message(&reply), 1);
+        }
+    }
+
+    /// Load mode: queues the bench messages that are due, if this is still the node's connection.
+    fn generate_load(&mut self) {
+        let Some(generator) = self.load.as_mut() else { return };
+        let window = self.shared.cfg.ack_window.max(1);
+        let mut nodes = self.shared.nodes();
+        match nodes.get_mut(&self.node) {
+            Some(entry) if entry.conn.as_ref().is_some_and(|c| c.id == self.ctl.id) => {
+                generator.fill(&mut entry.queues, Instant::now(), window, self.write_pending)
+            }
+            _ => {}
         }
     }
 

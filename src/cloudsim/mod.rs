@@ -11,10 +11,12 @@
 
 pub mod certserver;
 mod conn;
+pub mod load;
 pub mod pki;
 mod queues;
 
 pub use certserver::{CertServer, CertServerConfig};
+pub use load::{LoadConfig, SendClass};
 pub use pki::{Pki, PkiPaths};
 pub use queues::Class;
 
@@ -78,6 +80,9 @@ pub struct SimConfig {
     /// CloudHub; more lets a benchmark push without waiting for ACKs (each message still resends
     /// on its own timer until ACKed).
     pub ack_window: usize,
+    /// Load mode for benchmarks (`load`): generate downstream bench messages, answer bench
+    /// requests, read in 1 ms slices. Default `None`.
+    pub load: Option<LoadConfig>,
 }
 
 impl SimConfig {
@@ -95,6 +100,7 @@ impl SimConfig {
             fragment_size: DEFAULT_FRAGMENT_BYTES,
             max_message_size: DEFAULT_MAX_MESSAGE_BYTES,
             ack_window: DEFAULT_ACK_WINDOW,
+            load: None,
         }
     }
 
@@ -120,6 +126,7 @@ impl fmt::Debug for SimConfig {
             .field("fragment_size", &self.fragment_size)
             .field("max_message_size", &self.max_message_size)
             .field("ack_window", &self.ack_window)
+            .field("load", &self.load)
             .finish_non_exhaustive()
     }
 }

@@ -162,6 +162,11 @@ impl NodeQueues {
         self.in_flight.front().map(|f| f.msg.header.id.as_str())
     }
 
+    /// Ack-queue messages not yet ACKed: waiting plus in flight.
+    pub fn ack_backlog(&self) -> usize {
+        self.ack.len() + self.in_flight.len()
+    }
+
     /// Advances the ack queue to `now` by one step: resends or gives up on an in-flight message
     /// that is due, or else starts the next message if the window has room. Call it until it
     /// returns `None` to do everything that is due.

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Benchmarks (issue 6): builds release, then runs each scenario against the CloudHub simulator in
+# load mode over mutual TLS on 127.0.0.1 and writes bench-results/<time>.md (the table) and
+# <time>.jsonl (one line per scenario) plus <time>-lines.jsonl (every stats line of both ends).
+#   idle            the device binary (`edgehub run`, default modules) connected and idle
+#   edge→cloud      edgehub-bench --rate 1k, 10k, 30k, max (the cloud measures arrival)
+#   cloud→edge      the simulator sends 1k, 10k, 20k, max per second, ack class, 256 in flight;
+#                   the bench's sink ACKs each at once
+#   sync c1, c16    request/response with 1 and 16 in flight (the simulator answers at once)
+#   durable         cloud→edge at max through the real resource store (fsync, then ACK)
+# Each load scenario runs BENCH_SECS (20) seconds, idle BENCH_IDLE_SECS (60); about 5 minutes in
+# all after the build. The bench raises messageQPS/messageBurst (see edgehub-bench's bench_config
+# line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync'
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${BENCH_SECS:-20}
+idle_secs=${BENCH_IDLE_SECS:-60}
+only=${1:-}
+
+bash scripts/setup.sh
+echo "bench: building release binaries" >&2
+cargo build --release --quiet --bin edgehub
+work=$(mktemp -d /tmp/edgehub-bench.XXXXXX)
+cp target/release/edgehub "$work/edgehub-device"
+cargo build --release --quiet --features cloudsim --bin edgehub-cloudsim --bin edgehub-bench
+bin=target/release
+
+mkdir -p bench-results
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+results=bench-results/$stamp.jsonl
+lines=bench-results/$stamp-lines.jsonl
+table=bench-results/$stamp.md
+: >"$results"
+: >"$lines"
+
+sim_pid="" agent_pid=""
+cleanup() {
+  exec 3>&- 2>/dev/null || true
+  [ -z "$agent_pid" ] || kill "$agent_pid" 2>/dev/null || true
+  [ -z "$sim_pid" ] || kill "$sim_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$bin/edgehub-cloudsim" gen-certs --dir "$work/pki" --node bench-gw >/dev/null
+pki=$work/pki
+
+# Starts the simulator with the given flags; commands go to fd 3, its stdout to $work/sim.out.
+start_sim() {
+  rm -f "$work/sim.ctl"
+  mkfifo -m 600 "$work/sim.ctl"
+  "$bin/edgehub-cloudsim" --listen 127.0.0.1:0 --ca "$pki/ca.crt" --cert "$pki/server.crt" \
+    --key "$pki/server.key" "$@" <"$work/sim.ctl" >"$work/sim.out" 2>"$work/sim.err" &
+  sim_pid=$!
+  exec 3>"$work/sim.ctl"
+  for _ in $(seq 100); do grep -q '"listening"' "$work/sim.out" 2>/dev/null && break; sleep 0.1; done
+  addr=$(grep -o '"addr":"[0-9.:]*"' "$work/sim.out" | head -1 | cut -d'"' -f4)
+  [ -n "$addr" ] || { echo "bench: simulator did not start"; cat "$work/sim.err"; exit 1; }
+}
+
+stop_sim() {
+  echo quit >&3
+  exec 3>&-
+  wait "$sim_pid" || true
+  sim_pid=""
+}
+
+wanted() { [ -z "$only" ] || [[ "$1" == *$only* ]]; }
+
+# run_load NAME KIND OFFERED "SIM FLAGS" "BENCH FLAGS"
+run_load() {
+  local name=$1 kind=$2 offered=$3 sim_flags=$4 bench_flags=$5
+  wanted "$name" || return 0
+  echo "bench: $name ($secs s)" >&2
+  # shellcheck disable=SC2086 # the flag lists are meant to split
+  start_sim $sim_flags
+  # shellcheck disable=SC2086
+  "$bin/edgehub-bench" --server "$addr" --ca "$pki/ca.crt" --cert "$pki/client.crt" \
+    --key "$pki/client.key" --duration "$secs" --label "$name" $bench_flags >"$work/bench.out" ||
+    { echo "bench: $name failed"; cat "$work/bench.out"; }
+  stop_sim
+  local bench_summary sim_summary
+  bench_summary=$(grep '"bench_summary"' "$work/bench.out" || echo null)
+  sim_summary=$(grep '"load_summary"' "$work/sim.out" || echo null)
+  printf '{"scenario":"%s","kind":"%s","offered":"%s","bench":%s,"sim":%s}\n' \
+    "$name" "$kind" "$offered" "$bench_summary" "$sim_summary" >>"$results"
+  sed "s/^{/{\"scenario\":\"$name\",\"side\":\"edge\",/" "$work/bench.out" >>"$lines"
+  grep -E '"load_(stats|summary)"' "$work/sim.out" |
+    sed "s/^{/{\"scenario\":\"$name\",\"side\":\"cloud\",/" >>"$lines" || true
+}
+
+run_idle() {
+  wanted "idle" || return 0
+  echo "bench: idle ($idle_secs s)" >&2
+  start_sim
+  cat >"$work/config.json" <<JSON
+{"nodeName": "bench-gw", "websocket": {"server": "$addr"}, "stateDir": "$work/state",
+ "localApiSocket": "$work/edgehub.sock",
+ "tlsCaFile": "$pki/ca.crt", "tlsCertFile": "$pki/client.crt", "tlsPrivateKeyFile": "$pki/client.key"}
+JSON
+  "$work/edgehub-device" run --config "$work/config.json" 2>"$work/agent.log" &
+  agent_pid=$!
+  for _ in $(seq 100); do grep -q '"event":"connected"' "$work/sim.out" && break; sleep 0.1; done
+  grep -q '"event":"connected"' "$work/sim.out" || { echo "bench: agent did not connect"; cat "$work/agent.log"; exit 1; }
+  local cpu0 cpu1
+  cpu0=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
+  sleep "$idle_secs"
+  cpu1=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
+  field() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$agent_pid/$2"; }
+  printf '{"scenario":"idle %s s","kind":"idle","idle":{"idle_s":%s,"cpu_s":%s,"vmrss_kb":%s,"vmhwm_kb":%s,"rss_anon_kb":%s,"pss_kb":%s,"threads":%s}}\n' \
+    "$idle_secs" "$idle_secs" "$(awk -v a="$cpu0" -v b="$cpu1" -v t="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f", (b-a)/t}')" \
+    "$(field VmRSS status)" "$(field VmHWM status)" "$(field RssAnon status)" \
+    "$(field Pss smaps_rollup)" "$(field Threads status)" >>"$results"
+  cp "/proc/$agent_pid/smaps_rollup" "bench-results/$stamp-idle-smaps_rollup.txt"
+  kill "$agent_pid"
+  wait "$agent_pid" || true
+  agent_pid=""
+  stop_sim
+}
+
+run_idle
+run_load "edge→cloud 1k" e2c 1000 "--send-rate 0" "--rate 1000"
+run_load "edge→cloud 10k" e2c 10000 "--send-rate 0" "--rate 10000"
+run_load "edge→cloud 30k" e2c 30000 "--send-rate 0" "--rate 30000"
+run_load "edge→cloud max" e2c max "--send-rate 0" "--rate -1"
+ack="--send-class ack --ack-window 256"
+run_load "cloud→edge 1k ack" c2e 1000 "--send-rate 1000 $ack" "--rate 0"
+run_load "cloud→edge 10k ack" c2e 10000 "--send-rate 10000 $ack" "--rate 0"
+run_load "cloud→edge 20k ack" c2e 20000 "--send-rate 20000 $ack" "--rate 0"
+run_load "cloud→edge max ack" c2e max "--send-rate -1 $ack" "--rate 0"
+run_load "sync c1" sync "1 in flight" "--send-rate 0" "--sync --concurrency 1"
+run_load "sync c16" sync "16 in flight" "--send-rate 0" "--sync --concurrency 16"
+run_load "durable store ingest" durable max "--send-rate -1 $ack" "--durable"
+
+{
+  echo "# edgehub benchmarks, $stamp"
+  echo
+  echo "Host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr);" \
+    "$(openssl version 2>/dev/null || echo 'openssl ?'); $(rustc --version). Edge (edgehub-bench: agent library" \
+    "plus bench modules) and cloud (edgehub-cloudsim in load mode) are two processes on this host," \
+    "TLS over loopback, ~130-byte JSON content, $secs s per scenario."
+  echo
+  "$bin/edgehub-bench" table "$results"
+  echo
+  echo "Stripped device binary (target/release/edgehub, opt-level z, LTO, OpenSSL dynamic):" \
+    "$(stat -c %s "$work/edgehub-device") bytes ($(uname -m)); links $(ldd "$work/edgehub-device" | awk '{print $1}' | tr '\n' ' ')"
+  armv7=dist/armv7-unknown-linux-musleabihf/edgehub
+  if [ -f "$armv7" ]; then
+    echo "armv7 (dist/armv7-unknown-linux-musleabihf/edgehub): $(stat -c %s "$armv7") bytes"
+  else
+    echo "armv7: no dist/armv7-unknown-linux-musleabihf/edgehub (build it with scripts/cross-build.sh)"
+  fi
+} >"$table"
+cat "$table"
+echo "bench: wrote $table, $results and $lines" >&2
