@@ -24,6 +24,9 @@ use tungstenite::WebSocket;
 
 /// Small socket-side buffers: messages are small and the device is small.
 const READ_BUFFER_BYTES: usize = 8 << 10;
+/// Frames are gathered up to this many bytes (one TLS record) before they are written; every send
+/// ends with a flush, so this only lets a batch (`send_texts`) share records and sends.
+const WRITE_BUFFER_BYTES: usize = 16 << 10;
 /// Largest upgrade-failure body we quote in an error.
 const MAX_QUOTED_BODY: usize = 512;
 
@@ -152,7 +155,7 @@ pub fn connect(config: &Config, tls: &TlsConnector) -> Result<Link> {
     }
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes));
     let (ws, _response) =
@@ -318,6 +321,15 @@ impl Link {
         self.send(tungstenite::Message::text(text))
     }
 
+    /// Sends JSON text frames, in order, with one flush, within `websocket.writeDeadline`: small
+    /// frames share TLS records and sends.
+    ///
+    /// # Errors
+    /// As [`Link::send_text`]; none of the frames may count as delivered then.
+    pub fn send_texts(&self, texts: Vec<String>) -> Result<()> {
+        self.send_all(texts.into_iter().map(tungstenite::Message::text))
+    }
+
     /// Sends a WebSocket ping; gorilla answers every ping with a pong carrying the same payload
     /// (protocol §2.6), from the same goroutine that reads and handles our messages in order.
     pub fn send_ping(&self, payload: &[u8]) -> Result<()> {
@@ -325,13 +337,19 @@ impl Link {
     }
 
     fn send(&self, message: tungstenite::Message) -> Result<()> {
+        self.send_all(std::iter::once(message))
+    }
+
+    fn send_all(&self, messages: impl Iterator<Item = tungstenite::Message>) -> Result<()> {
         let deadline = Instant::now() + self.write_deadline;
         let mut ws = self.lock();
-        match ws.write(message) {
-            Ok(()) => {}
-            // Buffered inside tungstenite; the flush below finishes it.
-            Err(e) if would_block(&e) => {}
-            Err(e) => return Err(map_ws_error(e, "write")),
+        for message in messages {
+            match ws.write(message) {
+                Ok(()) => {}
+                // Buffered inside tungstenite; the flush below finishes it.
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(map_ws_error(e, "write")),
+            }
         }
         loop {
             match ws.flush() {

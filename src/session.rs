@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::link::{self, Incoming, Link};
 use crate::message::{self, Message};
-use crate::outbox::{Lane, Next, Outbox};
+use crate::outbox::{Lane, Next, Outbox, Taken};
 use crate::router::Router;
 use crate::status::Status;
 use crossbeam_channel::{bounded, never, select, tick, Receiver, Sender};
@@ -37,6 +37,12 @@ const WRITER_STACK_BYTES: usize = 128 << 10;
 const HEARTBEAT_STACK_BYTES: usize = 128 << 10;
 /// The writer asks the cloud to confirm what it read at least every this many messages.
 const CONFIRM_EVERY: u64 = 64;
+/// When the queue runs empty the writer waits this long for more before asking for a
+/// confirmation, so a steady trickle (a request, then the next) does not cost a ping per message.
+const CONFIRM_LINGER: Duration = Duration::from_millis(5);
+/// Most messages the writer takes from the outbox for one flush: what is ready at once shares
+/// TLS records and sends instead of costing one of each per message.
+const WRITE_BATCH: usize = 64;
 /// How much of a malformed frame is quoted in the log.
 const MAX_QUOTED_FRAME: usize = 200;
 
@@ -279,10 +285,12 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Pulls from the outbox and writes. Every `CONFIRM_EVERY` messages, and whenever it is
-    /// about to wait, it sends a ping whose payload is the count of messages written so far this
-    /// session: the cloud answers pings from the goroutine that reads and handles our messages in
-    /// order, so the pong proves everything before it was read (see `Outbox::confirm`).
+    /// Pulls from the outbox and writes; what is ready at once (up to `WRITE_BATCH`) goes out
+    /// with one flush. Every `CONFIRM_EVERY` messages, when it must wait (window full, rate limit)
+    /// and when the queue has stayed empty for `CONFIRM_LINGER`, it sends a ping whose payload is
+    /// the count of messages written so far this session: the cloud answers pings from the
+    /// goroutine that reads and handles our messages in order, so the pong proves everything
+    /// before it was read (see `Outbox::confirm`).
     fn writer(
         &self,
         link: &Link,
@@ -293,36 +301,46 @@ impl Supervisor {
         let mut guard = ExitGuard::new(done, "writer");
         let mut written: u64 = 0;
         let mut pinged: u64 = 0;
-        let mut ask_confirmation = |written: u64| -> Result<(), Error> {
-            if written > pinged {
-                link.send_ping(&written.to_be_bytes())?;
-                pinged = written;
-            }
-            Ok(())
-        };
+        let mut batch: Vec<Taken> = Vec::with_capacity(WRITE_BATCH);
         guard.reason = Some(loop {
             let next = self.outbox.next(Instant::now());
-            if !matches!(next, Next::Ready(_)) {
-                if let Err(e) = ask_confirmation(written) {
+            if matches!(next, Next::Wait(_) | Next::WindowFull) {
+                if let Err(e) = ask_confirmation(link, written, &mut pinged) {
                     break ExitReason::Write(e);
                 }
             }
             match next {
-                Next::Ready(taken) => {
-                    log::debug!("to cloud: {:?}", taken.message);
-                    if let Err(e) = link.send_text(taken.message.encode()) {
-                        self.outbox.put_back(taken);
+                Next::Ready(first) => {
+                    batch.push(first);
+                    while batch.len() < WRITE_BATCH {
+                        // Anything but a message is asked for again at the top of the loop.
+                        let Next::Ready(more) = self.outbox.next(Instant::now()) else { break };
+                        batch.push(more);
+                    }
+                    let texts = batch
+                        .iter()
+                        .map(|taken| {
+                            log::debug!("to cloud: {:?}", taken.message);
+                            taken.message.encode()
+                        })
+                        .collect();
+                    if let Err(e) = link.send_texts(texts) {
+                        // Last first, so the batch is back at the head in its order.
+                        batch.drain(..).rev().for_each(|taken| self.outbox.put_back(taken));
                         break ExitReason::Write(e);
                     }
-                    Status::bump(&self.status.messages_up);
-                    if taken.lane == Lane::Normal {
-                        written += 1;
-                        self.outbox.written(taken, written);
-                        *cursor.lock().unwrap_or_else(|p| p.into_inner()) = written;
-                        if written % CONFIRM_EVERY == 0 {
-                            if let Err(e) = ask_confirmation(written) {
-                                break ExitReason::Write(e);
-                            }
+                    let confirmations_due = written / CONFIRM_EVERY;
+                    for taken in batch.drain(..) {
+                        Status::bump(&self.status.messages_up);
+                        if taken.lane == Lane::Normal {
+                            written += 1;
+                            self.outbox.written(taken, written);
+                        }
+                    }
+                    *cursor.lock().unwrap_or_else(|p| p.into_inner()) = written;
+                    if written / CONFIRM_EVERY > confirmations_due {
+                        if let Err(e) = ask_confirmation(link, written, &mut pinged) {
+                            break ExitReason::Write(e);
                         }
                     }
                 }
@@ -330,6 +348,15 @@ impl Supervisor {
                     recv(stop) -> _ => break ExitReason::Stopped,
                     recv(self.outbox.bell()) -> _ => {} // an urgent message may have arrived
                     default(delay) => {}
+                },
+                Next::Empty if written > pinged => select! {
+                    recv(stop) -> _ => break ExitReason::Stopped,
+                    recv(self.outbox.bell()) -> _ => {} // more to write: the ping can wait
+                    default(CONFIRM_LINGER) => {
+                        if let Err(e) = ask_confirmation(link, written, &mut pinged) {
+                            break ExitReason::Write(e);
+                        }
+                    }
                 },
                 Next::Empty | Next::WindowFull => select! {
                     recv(stop) -> _ => break ExitReason::Stopped,
@@ -382,6 +409,16 @@ impl Supervisor {
             }
         });
     }
+}
+
+/// Asks the cloud to confirm the first `written` messages of the session, unless it was asked
+/// for them already.
+fn ask_confirmation(link: &Link, written: u64, pinged: &mut u64) -> Result<(), Error> {
+    if written > *pinged {
+        link.send_ping(&written.to_be_bytes())?;
+        *pinged = written;
+    }
+    Ok(())
 }
 
 /// True once the stop channel fired or its sender is gone.

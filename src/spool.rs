@@ -61,15 +61,29 @@ pub struct Spool {
     next_seq: u64,
 }
 
-/// CRC-32 (IEEE), bitwise: records are small and this avoids a dependency.
+/// CRC-32 (IEEE) lookup table, built at compile time.
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// CRC-32 (IEEE), one table lookup per byte: no dependency, and about 8× faster than bit by bit,
+/// which took a fifth of the sending thread's CPU at 30k messages/s (scripts/bench.sh).
 pub fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
     for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
+        crc = (crc >> 8) ^ CRC_TABLE[((crc ^ u32::from(b)) & 0xFF) as usize];
     }
     !crc
 }
@@ -298,6 +312,13 @@ impl Spool {
                 }
             }
         }
+    }
+
+    /// How long until what was written since the last sync is due for its fsync (zero: now);
+    /// `None` when nothing waits for one.
+    pub fn sync_due_in(&self) -> Option<Duration> {
+        (self.dirty && self.file.is_some())
+            .then(|| self.sync_interval.saturating_sub(self.last_sync.elapsed()))
     }
 
     /// Fsyncs the current segment if something was written since the last sync.
