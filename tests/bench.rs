@@ -1,0 +1,108 @@
+//! The load harness end to end: `edgehub-bench` (the agent library with bench modules) against the
+//! simulator in load mode, each way and request/response, for a second each. What the two ends
+//! count must agree: nothing lost, nothing failed.
+#![cfg(feature = "cloudsim")]
+
+mod support;
+
+use edgehub::cloudsim::load::{SeqTracker, Stamp};
+use edgehub::cloudsim::{LoadConfig, SendClass, SimEvent};
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+/// Runs edgehub-bench against `cloud` and returns its summary line.
+fn bench(cloud: &Cloud, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgehub-bench"))
+        .args(["--server", &cloud.sim.addr().to_string(), "--node", NODE])
+        .arg("--ca")
+        .arg(&cloud.paths.ca_cert)
+        .arg("--cert")
+        .arg(&cloud.paths.client_cert)
+        .arg("--key")
+        .arg(&cloud.paths.client_key)
+        .arg("--state-dir")
+        .arg(cloud.dir.path().join("bench-state"))
+        .args(["--duration", "1", "--stats-every", "0.5"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["event"], "bench_config", "{stdout}");
+    assert!(lines.iter().any(|l| l["event"] == "bench_stats"), "{stdout}");
+    let summary = lines.last().unwrap().clone();
+    assert_eq!(summary["event"], "bench_summary", "{stdout}");
+    for key in ["vmrss_kb", "vmhwm_kb", "threads", "cpu_s"] {
+        assert!(summary[key].is_number(), "{key} in {summary}");
+    }
+    summary
+}
+
+fn number(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+#[test]
+fn edge_to_cloud_every_message_sent_arrives_once() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start_with(|c| c.load = Some(LoadConfig::new(0, 130, SendClass::NoAck)));
+    let summary = bench(&cloud, &["--rate", "2000"]);
+    let sent = number(&summary, "sent");
+    assert!(sent >= 1000, "{summary}");
+    assert_eq!(number(&summary, "unconfirmed_at_end"), 0, "{summary}");
+    let mut seen = SeqTracker::default();
+    while let Ok(event) = cloud.events.try_recv() {
+        if let SimEvent::Received { msg, .. } = event {
+            if let Some(stamp) = Stamp::of(&msg.content) {
+                assert_eq!(msg.content.get().len(), 130);
+                seen.record(stamp.seq);
+            }
+        }
+    }
+    assert_eq!((seen.distinct(), seen.missing(), seen.duplicates()), (sent, 0, 0));
+}
+
+#[test]
+fn cloud_to_edge_with_acks_nothing_is_lost_and_every_message_is_acked() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start_with(|c| {
+        c.load = Some(LoadConfig::new(2000, 130, SendClass::Ack));
+        c.ack_window = 64;
+    });
+    let summary = bench(&cloud, &[]);
+    let received = number(&summary, "received");
+    assert!(received >= 1000, "{summary}");
+    assert_eq!(number(&summary, "missing"), 0, "{summary}");
+    // The cloud keeps sending while the summary is taken: ACKs may run ahead of the count.
+    assert!(number(&summary["agent"], "acks_sent") >= received, "{summary}");
+    let acked = cloud.events.try_iter().filter(|e| matches!(e, SimEvent::Ack { .. })).count();
+    assert!(acked as u64 >= received - 64, "{acked} ACKs for {received} messages");
+}
+
+#[test]
+fn request_response_every_request_is_answered() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start_with(|c| c.load = Some(LoadConfig::new(0, 130, SendClass::NoAck)));
+    let summary = bench(&cloud, &["--sync", "--concurrency", "4"]);
+    assert!(number(&summary, "requests") >= 100, "{summary}");
+    assert_eq!(number(&summary, "requests_failed"), 0, "{summary}");
+    assert!(summary["rtt_p50_us"].is_number(), "{summary}");
+}
+
+#[test]
+fn durable_messages_go_through_the_store_before_their_ack() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start_with(|c| {
+        c.load = Some(LoadConfig::new(500, 130, SendClass::Ack));
+        c.ack_window = 64;
+    });
+    let summary = bench(&cloud, &["--durable"]);
+    let received = number(&summary, "received");
+    assert!(received >= 100, "{summary}");
+    assert_eq!(number(&summary, "missing"), 0, "{summary}");
+    assert!(number(&summary["store"], "messages") >= received, "{summary}");
+    assert!(number(&summary["agent"], "acks_sent") >= received, "{summary}");
+}
