@@ -204,10 +204,12 @@ fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathB
     Ok(Config::load(&path)?.local_api_socket)
 }
 
-/// Writes `line` and a newline to stdout and flushes. `Ok(false)` when the reader is gone (a
-/// closed pipe, as after `| head -n 1`), which ends a command normally.
-fn print_line(out: &mut impl Write, line: &str) -> Result<bool> {
-    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+/// Writes `line` and a newline to stdout, and flushes unless `more` (another line follows at
+/// once). `Ok(false)` when the reader is gone (a closed pipe, as after `| head -n 1`), which ends
+/// a command normally.
+fn print_line(out: &mut impl Write, line: &str, more: bool) -> Result<bool> {
+    let printed = writeln!(out, "{line}").and_then(|()| if more { Ok(()) } else { out.flush() });
+    match printed {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
         Err(e) => Err(ErrorKind::Io.msg("write to stdout").src(e)),
@@ -241,7 +243,7 @@ fn send_command(a: SendArgs) -> Result<i32> {
         } else {
             client.send(message)?
         };
-        if !print_line(&mut out, &shown)? {
+        if !print_line(&mut out, &shown, false)? {
             break;
         }
     }
@@ -255,9 +257,11 @@ fn subscribe_command(a: SubscribeArgs) -> Result<i32> {
     let path = socket_path(a.socket, a.config)?;
     let mut client = LocalClient::connect(&path)?;
     client.subscribe(&a.groups)?;
-    let mut out = io::stdout().lock();
+    // Stdout is line-buffered; a buffer in front lets a burst of events go out in one write.
+    let mut out = io::BufWriter::with_capacity(64 << 10, io::stdout().lock());
+    // Each event is flushed as soon as no other is ready, so a `while read` loop sees it at once.
     while let Some(event) = client.next_event()? {
-        if !print_line(&mut out, &event)? {
+        if !print_line(&mut out, &event, client.event_ready())? {
             return Ok(0);
         }
     }
@@ -268,7 +272,7 @@ fn query_command(a: QueryArgs) -> Result<i32> {
     let mut client = LocalClient::connect(&socket_path(a.socket, a.config)?)?;
     match client.query(&a.resource)? {
         Some(object) => {
-            print_line(&mut io::stdout().lock(), object.get())?;
+            print_line(&mut io::stdout().lock(), object.get(), false)?;
             Ok(0)
         }
         None => {

@@ -32,7 +32,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_NODE_STATUS_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
 pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
-pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 256;
+pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 1024;
 pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
 /// Longest local API socket path: `sun_path` holds 107 bytes, and binding first at a temporary
 /// `<path>.<pid>` (then renaming) needs room for up to 8 more.

@@ -130,6 +130,12 @@ impl LocalClient {
         self.read_line()
     }
 
+    /// True when the next event can be had without waiting (a caller printing events may leave
+    /// flushing until there is none).
+    pub fn event_ready(&self) -> bool {
+        !self.events.is_empty() || self.reader.buffer().contains(&b'\n')
+    }
+
     /// Sends one command and waits for its reply, keeping events read meanwhile.
     fn call(&mut self, request: &Value) -> Result<Reply> {
         let mut line = request.to_string();

@@ -19,8 +19,10 @@
 //! | `{"op":"ack","message":{a message received}}` | `{"ok":true,"acked":true}` (false: it needed none) |
 //! | `{"op":"query","resource":"default/configmap/x"}` | `{"ok":true,"object":{"resource","resourceVersion","content"}}`, `"object":null` if absent |
 //!
-//! Any failure is `{"ok":false,"error":"…"}` (a bad line, an unknown op, a line over
-//! `localApiMaxLineBytes`, a full outbox, a request timeout…) and the connection stays usable.
+//! Any failure is `{"ok":false,"error":"…","kind":"…"}` and the connection stays usable; `kind`
+//! is `bad_request` (not JSON, unknown op or field, a line over `localApiMaxLineBytes`…),
+//! `timeout` (the cloud did not answer), `full` (the outbox, or the agent's client slots) or
+//! `failed`.
 //! Replies come in request order. Once subscribed, a client also gets pushed events, interleaved
 //! with replies: `{"event":"message","group":"twin","message":{…}}` for each cloud message routed
 //! to a group it subscribed to, and `{"event":"connection","connected":false}` whenever the cloud
@@ -53,6 +55,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -70,6 +73,9 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_GROUPS_PER_CLIENT: usize = 32;
 /// Longest group name.
 pub const MAX_GROUP_BYTES: usize = 64;
+/// A client's queue also holds at most this many bytes, so `localClientQueue` lines of big cloud
+/// messages cannot pile up (one longer line still goes to an empty queue).
+pub const MAX_CLIENT_QUEUE_BYTES: usize = 4 << 20;
 /// A client whose socket accepts nothing for this long is cut off (it stopped reading).
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept()` (out of file descriptors, say) before trying again.
@@ -539,6 +545,8 @@ struct Slot {
     /// `None` once the client is closed: nothing more is queued for it, and its writer ends
     /// after writing what is already queued.
     out_tx: Option<Sender<Arc<str>>>,
+    /// Bytes queued and not yet written, shared with the writer.
+    queued_bytes: Arc<AtomicUsize>,
     /// Kept to shut the socket down (waking both threads) when the client is cut or we stop.
     stream: UnixStream,
     /// The reader thread, which joins its writer.
@@ -555,13 +563,22 @@ impl Slot {
     /// Queues `line` without waiting. A full queue means the client is not reading: it is cut off.
     fn push(&mut self, line: Arc<str>, queue_cap: usize) {
         let Some(out_tx) = &self.out_tx else { return };
-        match out_tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.cut(&format!("its queue of {queue_cap} lines is full (it is not reading)"))
-            }
-            Err(TrySendError::Disconnected(_)) => self.cut("it is gone"),
+        let len = line.len();
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > MAX_CLIENT_QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            let mib = MAX_CLIENT_QUEUE_BYTES >> 20;
+            return self.cut(&format!("its queue holds over {mib} MiB (it is not reading)"));
         }
+        let refused = match out_tx.try_send(line) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => {
+                format!("its queue of {queue_cap} lines is full (it is not reading)")
+            }
+            Err(TrySendError::Disconnected(_)) => "it is gone".to_owned(),
+        };
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.cut(&refused);
     }
 
     fn cut(&mut self, why: &str) {
@@ -621,13 +638,15 @@ impl Clients {
                 return;
             }
         };
-        let (out_tx, out_rx) = bounded(self.queue_cap);
+        let (out_tx, rx) = bounded(self.queue_cap);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let outgoing = Outgoing { rx, queued_bytes: queued_bytes.clone() };
         let shared = shared.clone();
         // Spawned under the lock, so the slot exists before the client's first reply.
         let thread = std::thread::Builder::new()
             .name("eh-client".to_owned())
             .stack_size(CLIENT_STACK_BYTES)
-            .spawn(move || serve_client(id, stream, out_rx, &shared));
+            .spawn(move || serve_client(id, stream, outgoing, &shared));
         match thread {
             Ok(thread) => {
                 log::debug!("local api: client {id} connected");
@@ -635,6 +654,7 @@ impl Clients {
                     id,
                     groups: Vec::new(),
                     out_tx: Some(out_tx),
+                    queued_bytes,
                     stream: kept,
                     thread: Some(thread),
                     reader_done: false,
@@ -803,13 +823,19 @@ fn refuse(stream: UnixStream, why: &str) {
 
 /// The reader thread of one client: starts its writer, then reads and runs commands until the
 /// client hangs up or is cut off, then lets the writer finish and joins it.
-fn serve_client(id: u64, stream: UnixStream, out_rx: Receiver<Arc<str>>, shared: &ClientShared) {
+/// The writer's end of a client's queue.
+struct Outgoing {
+    rx: Receiver<Arc<str>>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+fn serve_client(id: u64, stream: UnixStream, outgoing: Outgoing, shared: &ClientShared) {
     let writer = stream.try_clone().and_then(|out| {
         out.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
         std::thread::Builder::new()
             .name("eh-client-out".to_owned())
             .stack_size(WRITER_STACK_BYTES)
-            .spawn(move || write_loop(id, out, &out_rx))
+            .spawn(move || write_loop(id, out, &outgoing))
     });
     let writer = match writer {
         Ok(writer) => writer,
@@ -861,14 +887,19 @@ fn read_loop(id: u64, stream: &UnixStream, shared: &ClientShared) {
     }
 }
 
-fn write_loop(id: u64, stream: UnixStream, out_rx: &Receiver<Arc<str>>) {
+fn write_loop(id: u64, stream: UnixStream, outgoing: &Outgoing) {
     let mut out = BufWriter::with_capacity(16 << 10, &stream);
+    let write = |out: &mut BufWriter<&UnixStream>, line: Arc<str>| {
+        let written = out.write_all(line.as_bytes());
+        outgoing.queued_bytes.fetch_sub(line.len(), Ordering::Relaxed);
+        written
+    };
     let result = (|| -> io::Result<()> {
-        while let Ok(line) = out_rx.recv() {
-            out.write_all(line.as_bytes())?;
+        while let Ok(line) = outgoing.rx.recv() {
+            write(&mut out, line)?;
             // Write whatever else is queued before flushing: one syscall for a burst.
-            while let Ok(line) = out_rx.try_recv() {
-                out.write_all(line.as_bytes())?;
+            while let Ok(line) = outgoing.rx.try_recv() {
+                write(&mut out, line)?;
             }
             out.flush()?;
         }
@@ -1108,6 +1139,33 @@ mod tests {
         let event = Message::connection_event("twin", false);
         assert_eq!(is_connection_event(&event), Some(false));
         assert_eq!(is_connection_event(&msg("twin", "x", CONNECTION_RESOURCE)), None);
+    }
+
+    #[test]
+    fn a_client_queue_is_bounded_in_bytes_but_takes_one_big_line_when_empty() {
+        let (kept, _peer) = UnixStream::pair().unwrap();
+        let (out_tx, out_rx) = bounded(1000);
+        let mut slot = Slot {
+            id: 1,
+            groups: Vec::new(),
+            out_tx: Some(out_tx),
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            stream: kept,
+            thread: None,
+            reader_done: false,
+        };
+        let big: Arc<str> = Arc::from("x".repeat(MAX_CLIENT_QUEUE_BYTES + 1));
+        slot.push(big, 1000);
+        assert!(slot.is_open(), "one line over the limit goes to an empty queue");
+        assert_eq!(out_rx.try_recv().unwrap().len(), MAX_CLIENT_QUEUE_BYTES + 1);
+        slot.queued_bytes.store(0, Ordering::Relaxed); // what the writer does once it is written
+        let third: Arc<str> = Arc::from("y".repeat(MAX_CLIENT_QUEUE_BYTES / 3 + 1));
+        slot.push(third.clone(), 1000);
+        slot.push(third.clone(), 1000);
+        assert!(slot.is_open());
+        slot.push(third, 1000);
+        assert!(!slot.is_open(), "a queue over the byte limit cuts the client off");
+        assert_eq!(out_rx.len(), 2);
     }
 
     #[test]
