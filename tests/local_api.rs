@@ -317,6 +317,8 @@ fn malformed_lines_get_an_error_and_the_connection_stays_usable() {
         (b"{\"op\":\"subscribe\",\"groups\":[]}\n".to_vec(), "bad_request", "empty"),
         (b"{\"op\":\"query\",\"resource\":\"x\"}\n".to_vec(), "failed", "no resource store"),
         (b"\xff\xfe{\n".to_vec(), "bad_request", "bad request"),
+        (deep(r#"{"op":"send","message":{"content":"#, "}}"), "bad_request", "route.group"),
+        (deep(r#"{"op":"subscribe","groups":"#, "}"), "bad_request", "expected a string"),
     ];
     for (line, kind, text) in cases {
         let reply = {
@@ -333,6 +335,12 @@ fn malformed_lines_get_an_error_and_the_connection_stays_usable() {
     assert_eq!(reply["id"], "after");
     cloud.wait_received("the message after the bad lines", |m| seq_of(m) == Some(3));
     agent.stop();
+}
+
+/// `prefix`, 480 nested arrays, `suffix`: deep JSON is answered, and never overflows the small
+/// stack of a client thread.
+fn deep(prefix: &str, suffix: &str) -> Vec<u8> {
+    format!("{prefix}{}{}{suffix}\n", "[".repeat(480), "]".repeat(480)).into_bytes()
 }
 
 #[test]

@@ -23,13 +23,15 @@
 //! is `bad_request` (not JSON, unknown op or field, a line over `localApiMaxLineBytes`…),
 //! `timeout` (the cloud did not answer), `full` (the outbox, or the agent's client slots) or
 //! `failed`.
+//!
 //! Replies come in request order. Once subscribed, a client also gets pushed events, interleaved
 //! with replies: `{"event":"message","group":"twin","message":{…}}` for each cloud message routed
 //! to a group it subscribed to, and `{"event":"connection","connected":false}` whenever the cloud
 //! link goes down or up; the first subscription is followed by one such event with the current
 //! state. Groups: `twin`, `bus` (wire group `user`), `taskmanager`, `meta` (the resource store's
 //! changes, after they are durable), or any custom wire group name. Messages that travel in the
-//! cloud's ACK queue (they carry a `resourceversion`) must be ACKed by the client (`op:"ack"`).
+//! cloud's ACK queue (they carry a `resourceversion`) must be ACKed by a client (`op:"ack"`);
+//! until one does, the cloud re-sends them every 5 s and subscribers get them again.
 //!
 //! # Threads
 //! `eh-localapi` (the module: fans cloud messages out), `eh-api-accept`, and per client
@@ -523,7 +525,7 @@ struct ClientShared {
 }
 
 /// The table of connected clients. Its lock is held only for `try_send`s and bookkeeping, never
-/// across I/O, so the module thread never waits on a client.
+/// across a read or write on a client's socket, so the module thread never waits on a client.
 struct Clients {
     table: Mutex<Table>,
     queue_cap: usize,
