@@ -292,8 +292,10 @@ fn run(args: &Args) -> Result<(), Failure> {
                 }
                 continue;
             }
-            ctx.hub.ack(&msg); // queues an ACK only for ack-queue messages
+            // Counted before the ACK, so the one-way time does not include waiting for a core
+            // while the writer sends it.
             sink_counts.record_received(&msg);
+            ctx.hub.ack(&msg); // queues an ACK only for ack-queue messages
         }
     }));
 

@@ -259,8 +259,15 @@ fn handshake(shared: &Shared, ctl: &ConnCtl, tcp: TcpStream) -> Option<(Ws, Upgr
             return None;
         }
     };
-    let read_slice = if shared.cfg.load.is_some() { load::LOAD_READ_SLICE } else { READ_SLICE };
-    if let Err(e) = set_timeouts(ws.get_ref().get_ref(), Some(read_slice), Some(WRITE_SLICE)) {
+    let raw = ws.get_ref().get_ref();
+    let session_io = if shared.cfg.load.is_some() {
+        // Load mode: non-blocking, and the loop sleeps in poll(2) (`Session::generate_load`).
+        // A socket timeout counts in scheduler ticks (4 ms at HZ=250): the generator was bursty.
+        raw.set_nonblocking(true)
+    } else {
+        set_timeouts(raw, Some(READ_SLICE), Some(WRITE_SLICE))
+    };
+    if let Err(e) = session_io {
         reject(format!("set session timeouts: {e}"));
         return None;
     }
@@ -300,26 +307,28 @@ impl Session<'_> {
     /// Reads, times and writes until the connection ends; returns why it ended.
     fn run(&mut self) -> String {
         loop {
-            if let Err(reason) = self.read_once() {
-                return reason;
-            }
+            let read = match self.read_once() {
+                Ok(read) => read,
+                Err(reason) => return reason,
+            };
             if Instant::now() >= self.keepalive_deadline {
                 // CloudHub just closes the socket: no close frame (protocol §2.6, §4.3).
                 self.ctl.close("keepalive timeout");
                 return "keepalive timeout".to_owned();
             }
-            self.generate_load();
+            self.generate_load(!read);
             if let Err(reason) = self.write_queued() {
                 return reason;
             }
         }
     }
 
-    /// One read of at most `READ_SLICE`. `Err` carries the reason the connection is over.
-    fn read_once(&mut self) -> Result<(), String> {
+    /// One read of at most `READ_SLICE`; true when a frame arrived. `Err` carries the reason the
+    /// connection is over.
+    fn read_once(&mut self) -> Result<bool, String> {
         let frame = match self.ws.read() {
             Ok(frame) => frame,
-            Err(tungstenite::Error::Io(e)) if is_timeout(&e) => return Ok(()),
+            Err(tungstenite::Error::Io(e)) if is_timeout(&e) => return Ok(false),
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 return Err("closed by peer".to_owned())
             }
@@ -343,7 +352,7 @@ impl Session<'_> {
             }
             tungstenite::Message::Pong(_) | tungstenite::Message::Frame(_) => {}
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Handles one upstream WebSocket message (protocol §4.2).
@@ -381,8 +390,15 @@ impl Session<'_> {
     }
 
     /// Load mode: queues the bench messages that are due, if this is still the node's connection.
-    fn generate_load(&mut self) {
+    /// When `idle` (the last read found nothing, so nothing is buffered either) it first sleeps
+    /// until the next message is due or a frame arrives.
+    fn generate_load(&mut self, idle: bool) {
         let Some(generator) = self.load.as_mut() else { return };
+        if idle {
+            let wait = generator.next_due(Instant::now()).min(load::LOAD_READ_SLICE);
+            let socket = self.ws.get_ref().get_ref();
+            let _ = crate::poll::wait(socket, crate::poll::Interest::Read, wait);
+        }
         let window = self.shared.cfg.ack_window.max(1);
         let mut nodes = self.shared.nodes();
         match nodes.get_mut(&self.node) {

@@ -4,9 +4,10 @@
 //! holds what both ends of a benchmark share: the bench content `{"bench": <seq>, "sent_ns": <unix
 //! ns>, "pad": "..."}`, a fixed-size latency histogram and a tracker of sequence numbers seen.
 //!
-//! A connection in load mode (`SimConfig::load`) reads with a 1 ms slice instead of 20 ms, so a
-//! scheduled message is written at most about a millisecond late, and on every pass asks its
-//! [`Generator`] to queue what is due. Ack-class messages are generated only while the ack window
+//! A connection in load mode (`SimConfig::load`) is non-blocking and, when it finds nothing to
+//! read, sleeps in poll(2) until the next message is due (at most 1 ms, poll's resolution here),
+//! instead of in 20 ms socket timeouts; on every pass it asks its [`Generator`] to queue what is
+//! due. Ack-class messages are generated only while the ack window
 //! has room, so their `sent_ns` is the write time and not time spent queued in the simulator;
 //! what the schedule wanted but the window or the socket had no room for is counted as skipped:
 //! the edge did not keep up.
@@ -23,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Read slice of a connection in load mode: how late a scheduled downstream write can be.
+/// Longest sleep of a connection in load mode between passes (it also wakes when a frame
+/// arrives): how late a timer or a scheduled downstream write can be.
 pub const LOAD_READ_SLICE: Duration = Duration::from_millis(1);
 /// Most bench messages queued per pass of the connection loop, so reads (ACKs) keep flowing.
 pub const MAX_PER_PASS: usize = 256;
@@ -113,6 +115,16 @@ pub(super) struct Generator {
 impl Generator {
     pub(super) fn new(cfg: &LoadConfig, now: Instant) -> Generator {
         Generator { cfg: cfg.clone(), started: now, scheduled: 0 }
+    }
+
+    /// How long until the next scheduled message is due (zero: now). At most `LOAD_READ_SLICE`
+    /// when there is no schedule to keep (no rate, or as fast as ACKs make room).
+    pub(super) fn next_due(&self, now: Instant) -> Duration {
+        if self.cfg.send_rate <= 0 {
+            return LOAD_READ_SLICE;
+        }
+        let next = Duration::from_secs_f64((self.scheduled + 1) as f64 / self.cfg.send_rate as f64);
+        (self.started + next).saturating_duration_since(now)
     }
 
     /// Queues the bench messages due by `now`. `window` is the ack window; `socket_full` says the
