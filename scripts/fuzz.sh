@@ -80,6 +80,20 @@ for target in $targets; do
             result+=" artefact: $artefact"
         done < <(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log")
     fi
+    if ((rc == 0)); then
+        # libFuzzer keeps every input that once added coverage; merge the corpus down to a set
+        # with the same coverage (seeds kept first) so it does not grow with each run.
+        merged=$scratch/merged-$target
+        mkdir -p "$merged"
+        find "$corpus" -maxdepth 1 -type f -name 'seed-*' -exec cp {} "$merged/" \;
+        if TMPDIR=$scratch EDGEHUB_FUZZ_OFFLINE=$offline "${isolate[@]}" "$bin_dir/$target" \
+            -merge=1 -timeout=10 "$merged" "$corpus" >>"$log" 2>&1; then
+            find "$corpus" -maxdepth 1 -type f ! -name 'seed-*' -delete
+            find "$merged" -maxdepth 1 -type f ! -name 'seed-*' -exec mv {} "$corpus/" \;
+        fi
+        rm -rf "$merged"
+        corpus_files=$(find "$corpus" -type f | wc -l)
+    fi
     summary+=("$(printf '%-16s %12s execs %5ss  corpus %5s files  %s' \
         "$target" "${execs:-?}" "$((SECONDS - t0))" "$corpus_files" "$result")")
 done
