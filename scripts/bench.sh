@@ -83,8 +83,8 @@ run_load() {
   local bench_summary sim_summary
   bench_summary=$(grep '"bench_summary"' "$work/bench.out" || echo null)
   sim_summary=$(grep '"load_summary"' "$work/sim.out" || echo null)
-  printf '{"scenario":"%s","kind":"%s","offered":"%s","bench":%s,"sim":%s}\n' \
-    "$name" "$kind" "$offered" "$bench_summary" "$sim_summary" >>"$results"
+  printf '{"scenario":"%s","kind":"%s","offered":"%s","loadavg":"%s","bench":%s,"sim":%s}\n' \
+    "$name" "$kind" "$offered" "$(cut -d' ' -f1 /proc/loadavg)" "$bench_summary" "$sim_summary" >>"$results"
   sed "s/^{/{\"scenario\":\"$name\",\"side\":\"edge\",/" "$work/bench.out" >>"$lines"
   grep -E '"load_(stats|summary)"' "$work/sim.out" |
     sed "s/^{/{\"scenario\":\"$name\",\"side\":\"cloud\",/" >>"$lines" || true
@@ -119,6 +119,7 @@ JSON
   stop_sim
 }
 
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 run_idle
 run_load "edge→cloud 1k" e2c 1000 "--send-rate 0" "--rate 1000"
 run_load "edge→cloud 10k" e2c 10000 "--send-rate 0" "--rate 10000"
@@ -139,7 +140,8 @@ run_load "durable store ingest" durable max "--send-rate -1 $ack" "--durable"
   echo "Host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr);" \
     "$(openssl version 2>/dev/null || echo 'openssl ?'); $(rustc --version). Edge (edgehub-bench: agent library" \
     "plus bench modules) and cloud (edgehub-cloudsim in load mode) are two processes on this host," \
-    "TLS over loopback, ~130-byte JSON content, $secs s per scenario."
+    "TLS over loopback, ~130-byte JSON content, $secs s per scenario. Load average before the" \
+    "runs: $load_before (other work on the host shares the cores; each scenario's is in the .jsonl)."
   echo
   "$bin/edgehub-bench" table "$results"
   echo

@@ -792,6 +792,12 @@ fn table_row(row: &Value) -> String {
             num("bench.duplicates").unwrap_or(0.0) + num("sim.up_seq.duplicates").unwrap_or(0.0)
         );
     }
+    // Other work on the host competes for the cores and shows in latency and throughput.
+    if let Some(load) = at("loadavg").and_then(Value::as_str).and_then(|l| l.parse::<f64>().ok()) {
+        if load >= 1.0 {
+            notes = format!("{notes} host load {load:.1}");
+        }
+    }
     let per_msg = match num("bench.cpu_s") {
         Some(cpu) if units > 0.0 => format!("{:.1}", cpu * 1e6 / units),
         _ => "–".to_owned(),
