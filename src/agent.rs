@@ -29,6 +29,9 @@ const RELOADABLE_KEYS: [&str; 8] = [
     "messageTTL",
     "coalesceResources",
 ];
+/// How long a stop waits for the outbox to reach the cloud.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The supervisor only dials, waits and joins.
 const SUPERVISOR_STACK_BYTES: usize = 128 << 10;
 
@@ -218,10 +221,31 @@ impl Agent {
         self.stop_modules();
     }
 
-    /// Stops the session and the supervisor, then the modules in reverse start order, and joins
-    /// every thread.
+    /// Stops cleanly: refuses new messages, gives the outbox up to `STOP_DRAIN` to reach the
+    /// cloud (and be confirmed) if a session is up, then stops the session and the supervisor,
+    /// the modules in reverse start order, and joins every thread. What is still queued stays
+    /// in the spool for the next start.
     pub fn stop(mut self) {
+        self.outbox.close();
+        if self.status.is_connected() && !self.outbox.is_empty() {
+            let deadline = std::time::Instant::now() + STOP_DRAIN;
+            // Shutdown only: a short poll, bounded, rather than a signal nobody else needs.
+            while !self.outbox.is_empty()
+                && self.status.is_connected()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        let left = self.outbox.len();
         self.shutdown();
+        if left > 0 {
+            if self.config.outbox_spool {
+                log::info!("{left} message(s) not yet confirmed by the cloud stay in the spool");
+            } else {
+                log::warn!("{left} message(s) not sent are lost (outboxSpool is off)");
+            }
+        }
     }
 
     fn shutdown(&mut self) {

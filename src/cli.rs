@@ -8,7 +8,9 @@ use crate::certs;
 use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::local_client::LocalClient;
+use crate::logging::{self, LogTarget};
 use crate::modules::{local_api, meta_store, node_status, ModuleSpec};
+use crate::signals;
 use argh::FromArgs;
 use serde_json::value::RawValue;
 use std::io::{self, Write};
@@ -34,6 +36,23 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     Query(QueryArgs),
     Join(JoinArgs),
+    Status(StatusArgs),
+}
+
+/// Is the agent connected, since when, and is anything piling up or dropped? Exit 0 when
+/// connected, 1 when not, 2 when the agent is not running.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {
+    #[argh(switch)]
+    /// print every counter as JSON instead of the one-line summary
+    pub json: bool,
+    #[argh(option)]
+    /// the agent's local API socket; default: localApiSocket of --config
+    pub socket: Option<PathBuf>,
+    #[argh(option, short = 'c')]
+    /// configuration file to read localApiSocket from; default /etc/edgehub/config.json
+    pub config: Option<PathBuf>,
 }
 
 /// Connect to CloudHub and keep the link up until stopped.
@@ -161,15 +180,9 @@ pub fn load_config(
     Ok(config)
 }
 
-/// Logs to stderr (procd, systemd and busybox init all collect it) with UTC RFC 3339 times.
+/// Logs to stderr with UTC RFC 3339 times (see `logging` for syslog).
 pub fn init_logging(level: log::LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(log::LevelFilter::Off)
-        .set_target_level(log::LevelFilter::Off)
-        .build();
-    // Only fails if a logger is already set (tests calling twice): keep the first.
-    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+    logging::init(LogTarget::Stderr, level);
 }
 
 /// The modules `edgehub run` starts: the durable resource store (group `meta`, ACKs what it
@@ -295,25 +308,126 @@ pub fn run(args: Args) -> Result<i32> {
             println!("{}", config.to_redacted_json());
             Ok(0)
         }
-        Some(Command::Run(a)) => {
-            let config = load_config(&a.config, a.node_name, a.server)?;
-            let level = match a.verbose {
-                0 => config.log_level.to_filter(),
-                1 => log::LevelFilter::Debug,
-                _ => log::LevelFilter::Trace,
-            };
-            init_logging(level);
-            // An expired, foreign or missing certificate: join with the token, or say one is needed.
-            certs::ensure(&config)?;
-            let modules = builtin_modules(&config)?;
-            let agent = Agent::start(config, modules)?;
-            agent.wait();
-            Ok(0)
-        }
+        Some(Command::Run(a)) => run_command(a),
+        Some(Command::Status(a)) => status_command(a),
         Some(Command::Send(a)) => send_command(a),
         Some(Command::Subscribe(a)) => subscribe_command(a),
         Some(Command::Query(a)) => query_command(a),
         Some(Command::Join(a)) => join_command(a),
+    }
+}
+
+/// `edgehub run`: start the agent, then serve signals: SIGTERM/SIGINT stop it cleanly (exit 0),
+/// SIGHUP re-reads the config file and applies what can change live.
+fn run_command(a: RunArgs) -> Result<i32> {
+    // Before any thread starts, so every thread inherits the mask and only eh-signals takes them.
+    signals::block();
+    let config = load_config(&a.config, a.node_name.clone(), a.server.clone())?;
+    let verbose = match a.verbose {
+        0 => None,
+        1 => Some(log::LevelFilter::Debug),
+        _ => Some(log::LevelFilter::Trace),
+    };
+    logging::init(config.log_target, verbose.unwrap_or(config.log_level.to_filter()));
+    let signals =
+        signals::listen().map_err(|e| ErrorKind::Io.msg("start the signal thread").src(e))?;
+    // An expired, foreign or missing certificate: join with the token, or say one is needed.
+    certs::ensure(&config)?;
+    let modules = builtin_modules(&config)?;
+    let mut agent = Agent::start(config, modules)?;
+    loop {
+        match signals.recv() {
+            Ok(signals::Signal::Reload) => {
+                match load_config(&a.config, a.node_name.clone(), a.server.clone()) {
+                    Ok(new) => {
+                        let (applied, restart) = agent.reload(&new);
+                        if let Some(level) = verbose {
+                            log::set_max_level(level); // -v on the command line still wins
+                        }
+                        log::info!(
+                            "reloaded {}: applied {}; need a restart: {}",
+                            a.config.display(),
+                            list_or_none(&applied),
+                            list_or_none(&restart)
+                        );
+                    }
+                    Err(e) => log::error!("reload refused, keeping the running configuration: {e}"),
+                }
+            }
+            Ok(signals::Signal::Stop) | Err(_) => {
+                log::info!("stopping: flushing the outbox, closing the link");
+                agent.stop();
+                log::info!("stopped");
+                return Ok(0);
+            }
+        }
+    }
+}
+
+fn list_or_none<T: AsRef<str>>(keys: &[T]) -> String {
+    if keys.is_empty() {
+        "nothing".to_owned()
+    } else {
+        keys.iter().map(|k| k.as_ref()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// `edgehub status`: a one-line summary (or `--json`), exit 0 connected / 1 not / 2 not running.
+fn status_command(a: StatusArgs) -> Result<i32> {
+    let path = socket_path(a.socket, a.config)?;
+    let mut client = match LocalClient::connect(&path) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("edgehub: not running ({e})");
+            return Ok(2);
+        }
+    };
+    let status = client.status()?;
+    let connected = status["connected"].as_bool().unwrap_or(false);
+    let text = if a.json {
+        serde_json::to_string_pretty(&status).unwrap_or_default()
+    } else {
+        status_summary(&status)
+    };
+    let _ = writeln!(io::stdout(), "{text}"); // a closed pipe is the reader's business
+    Ok(if connected { 0 } else { 1 })
+}
+
+/// `connected to 10.0.0.1:10000 for 3h12m · outbox 0 · drops 0 · cert expires in 211 d`
+pub fn status_summary(status: &serde_json::Value) -> String {
+    let now = status["now"].as_i64().unwrap_or(0);
+    let server = status["server"].as_str().unwrap_or("?");
+    let link = if status["connected"].as_bool().unwrap_or(false) {
+        let since = status["connectedSince"].as_i64().unwrap_or(now);
+        format!("connected to {server} for {}", human_duration(now - since))
+    } else {
+        let attempts = status["dialAttempts"].as_u64().unwrap_or(0);
+        format!("not connected to {server} ({attempts} failed dials since the last session)")
+    };
+    let drops: u64 =
+        status["drops"].as_object().map_or(0, |d| d.values().filter_map(|v| v.as_u64()).sum());
+    let mut line = format!(
+        "{link} · outbox {} · drops {drops}",
+        status["outbox"]["messages"].as_u64().unwrap_or(0)
+    );
+    if let Some(not_after) = status["certNotAfter"].as_i64() {
+        let left = not_after - now;
+        if left > 0 {
+            line.push_str(&format!(" · cert expires in {}", human_duration(left)));
+        } else {
+            line.push_str(" · cert EXPIRED");
+        }
+    }
+    line
+}
+
+fn human_duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3 * 3600 => format!("{}m", s / 60),
+        s if s < 3 * 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{} d", s / 86_400),
     }
 }
 

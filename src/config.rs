@@ -4,6 +4,7 @@
 //! It holds paths only: it never opens sockets or reads certificate contents.
 
 use crate::error::{ErrorKind, Result};
+use crate::logging::LogTarget;
 use crate::outbox::FullPolicy;
 use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize, Serializer};
@@ -156,6 +157,8 @@ pub struct Config {
     pub node_name: String,
     pub state_dir: PathBuf,
     pub log_level: LogLevel,
+    /// `stderr` (procd, systemd) or `syslog` (through /dev/log).
+    pub log_target: LogTarget,
     /// Largest cloud message accepted; a bigger one ends the session (it cannot be skipped).
     pub max_message_bytes: usize,
     /// Upstream outbox bounds (in memory and in the spool alike).
@@ -213,6 +216,7 @@ impl Default for Config {
             node_name: String::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             log_level: LogLevel::Info,
+            log_target: LogTarget::Stderr,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             outbox_max_messages: DEFAULT_OUTBOX_MAX_MESSAGES,
             outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,

@@ -31,12 +31,14 @@ pub mod config;
 pub mod error;
 pub mod link;
 pub mod local_client;
+pub mod logging;
 pub mod message;
 pub mod modules;
 pub mod outbox;
 mod poll;
 pub mod router;
 pub mod session;
+pub mod signals;
 pub mod spool;
 pub mod status;
 

@@ -47,6 +47,8 @@ struct Reply {
     message: Option<Box<RawValue>>,
     #[serde(default)]
     object: Option<Box<RawValue>>,
+    #[serde(default)]
+    status: Option<Value>,
 }
 
 impl LocalClient {
@@ -119,6 +121,12 @@ impl LocalClient {
         let reply = self.call(&json!({"op": "query", "resource": resource}))?;
         // `"object":null` deserializes as `None`.
         Ok(reply.object.filter(|o| o.get() != "null"))
+    }
+
+    /// The agent's counters and link state (what `edgehub status` shows).
+    pub fn status(&mut self) -> Result<Value> {
+        let reply = self.call(&json!({"op": "status"}))?;
+        reply.status.ok_or_else(|| self.bad_reply("status reply without a status"))
     }
 
     /// The next pushed event line (JSON, without the newline), or `None` when the agent closed the

@@ -190,6 +190,8 @@ struct State {
     /// Written this session, not yet confirmed: (cursor, entry), in write order.
     in_flight: VecDeque<(u64, Entry)>,
     in_flight_bytes: usize,
+    /// The agent is stopping: new messages are refused.
+    closed: bool,
 }
 
 impl State {
@@ -259,6 +261,7 @@ impl Outbox {
                 pending_done: Vec::new(),
                 in_flight: VecDeque::new(),
                 in_flight_bytes: 0,
+                closed: false,
             }),
             limits: Mutex::new(limits),
             bell_tx,
@@ -382,6 +385,9 @@ impl Outbox {
     /// Under the `Reject` policy, hands the message back when the outbox is full (by count or bytes).
     pub fn push(&self, message: Message) -> std::result::Result<(), Rejected> {
         let mut state = self.lock();
+        if state.closed {
+            return Err(Rejected { message: Box::new(message), reason: "agent stopping" });
+        }
         let seq = state.next_seq;
         let entry = self.entry(message, seq, now_millis(), false);
         let index = match self.admit(&mut state, entry) {
@@ -585,6 +591,11 @@ impl Outbox {
         }
         drop(state);
         self.ring();
+    }
+
+    /// Refuses every later `push` ("agent stopping"); what is queued still goes out.
+    pub fn close(&self) {
+        self.lock().closed = true;
     }
 
     /// Writes batched spool records and fsyncs: call before the process exits.

@@ -116,6 +116,8 @@ pub struct Supervisor {
 impl Supervisor {
     /// Runs until `stop` fires or disconnects: dial, run a session, cool down, repeat.
     pub fn run(self, stop: Receiver<()>) {
+        let _ = self.status.server.set(self.config.websocket.server.clone());
+        let mut last_dial_error = String::new();
         let config = &self.config;
         log::info!("edgehub starting: node {} cloud {}", config.node_name, config.websocket_url());
         loop {
@@ -128,6 +130,9 @@ impl Supervisor {
                         self.status.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     log::info!("connected to {} (session {sessions})", link.peer());
                     self.status.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Status::stamp(&self.status.connected_since);
+                    self.status.dial_attempts.store(0, std::sync::atomic::Ordering::Relaxed);
+                    last_dial_error.clear();
                     let reason = if self.router.broadcast_connection(true, &stop).is_err() {
                         ExitReason::Stopped
                     } else {
@@ -155,7 +160,28 @@ impl Supervisor {
                 }
                 Err(e) => {
                     Status::bump(&self.status.dial_failures);
-                    log::warn!("cannot connect to {}: {e}", config.websocket.server);
+                    let attempts = self
+                        .status
+                        .dial_attempts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        + 1;
+                    // One line per kind of failure, then a reminder every tenth attempt: a
+                    // router's log must not fill with "connection refused" during an outage.
+                    let text = e.to_string();
+                    if text != last_dial_error {
+                        log::warn!("cannot connect to {}: {text}", config.websocket.server);
+                        last_dial_error = text;
+                    } else if attempts % 10 == 0 {
+                        log::warn!(
+                            "still cannot connect to {} after {attempts} attempts: {text}",
+                            config.websocket.server
+                        );
+                    } else {
+                        log::debug!(
+                            "cannot connect to {} (attempt {attempts}): {text}",
+                            config.websocket.server
+                        );
+                    }
                 }
             }
             let wait = reconnect_delay(config);
@@ -177,7 +203,12 @@ impl Supervisor {
             while self.reconnect.try_recv().is_ok() {}
             link::tls_connector(&self.config)?
         };
-        link::connect(&self.config, &tls)
+        let link = link::connect(&self.config, &tls)?;
+        if let Ok(info) = certs::inspect(&self.config) {
+            let not_after = u32::try_from(info.not_after.max(0)).unwrap_or(u32::MAX);
+            self.status.cert_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(link)
     }
 
     /// Runs the three session threads until the first one ends or the agent stops, then stops
@@ -238,6 +269,7 @@ impl Supervisor {
             let result = link.read_available(&mut batch);
             if !batch.is_empty() {
                 last_frame = Instant::now();
+                Status::stamp(&self.status.last_frame);
             }
             if self.handle_frames(&mut batch, stop).is_err() {
                 break ExitReason::Stopped;
@@ -383,6 +415,7 @@ impl Supervisor {
             let sent = link.send_text(Message::keepalive().encode());
             if sent.is_ok() {
                 Status::bump(&self.status.keepalives_sent);
+                Status::stamp(&self.status.last_keepalive);
                 Status::bump(&self.status.messages_up);
             }
             sent

@@ -56,9 +56,11 @@ fn fifty_forced_reconnects_leave_no_thread_behind_and_lose_nothing() {
                 .then_some(())
         });
         cloud.wait_received("keepalive", |m| m.route.operation == "keepalive");
-        let threads = agent_threads();
-        let baseline = baseline.get_or_insert_with(|| threads.clone());
-        assert_eq!(&threads, baseline, "threads in round {round}");
+        // A joined thread can stay listed in /proc for a moment after its join returned.
+        let baseline = baseline.get_or_insert_with(agent_threads).clone();
+        wait_until(&format!("threads back to the baseline in round {round}"), || {
+            agent_threads() == baseline
+        });
 
         cloud.sim.cut(NODE);
         wait_connection_event(&probe_rx, message::CLOUD_DISCONNECTED);
@@ -81,5 +83,5 @@ fn fifty_forced_reconnects_leave_no_thread_behind_and_lose_nothing() {
     // The last messages stay in flight until the cloud's pong confirms them.
     wait_until("outbox confirmed empty", || agent.outbox_len() == 0);
     agent.stop();
-    assert!(agent_threads().is_empty(), "stop joins every agent thread: {:?}", agent_threads());
+    wait_until("every agent thread joined after stop", || agent_threads().is_empty());
 }

@@ -18,6 +18,7 @@
 //! | `{"op":"request","message":{…},"timeoutMs":5000}` | `{"ok":true,"message":{the cloud's response}}` |
 //! | `{"op":"ack","message":{a message received}}` | `{"ok":true,"acked":true}` (false: it needed none) |
 //! | `{"op":"query","resource":"default/configmap/x"}` | `{"ok":true,"object":{"resource","resourceVersion","content"}}`, `"object":null` if absent |
+//! | `{"op":"status"}` | `{"ok":true,"status":{"connected":…,"outbox":{…},"drops":{…},…}}` (what `edgehub status` shows) |
 //!
 //! Any failure is `{"ok":false,"error":"…","kind":"…"}` and the connection stays usable; `kind`
 //! is `bad_request` (not JSON, unknown op or field, a line over `localApiMaxLineBytes`…),
@@ -394,6 +395,9 @@ struct Reply<'a> {
     /// `Some(None)` is a query that found nothing: `"object":null`.
     #[serde(skip_serializing_if = "Option::is_none")]
     object: Option<Option<Object>>,
+    /// The agent's counters and link state (`status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Value>,
 }
 
 /// Why a command failed: `kind` is one of [`failure`]'s names, for programs to decide on.
@@ -832,6 +836,13 @@ struct Outgoing {
 }
 
 fn serve_client(id: u64, stream: UnixStream, outgoing: Outgoing, shared: &ClientShared) {
+    let clients = &shared.hub.status().local_clients;
+    clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    serve_client_connected(id, stream, outgoing, shared);
+    clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn serve_client_connected(id: u64, stream: UnixStream, outgoing: Outgoing, shared: &ClientShared) {
     let writer = stream.try_clone().and_then(|out| {
         out.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
         std::thread::Builder::new()
@@ -946,8 +957,9 @@ fn execute(client: u64, line: &[u8], shared: &ClientShared) {
         "request" => cloud_request(&request, shared),
         "ack" => ack(&request, &shared.hub),
         "query" => query(&request, shared),
+        "status" => Ok(Reply { status: Some(shared.hub.status_json()), ..Reply::default() }),
         other => Err(bad_request(format!(
-            "unknown op {other:?} (expected subscribe, send, request, ack or query)"
+            "unknown op {other:?} (expected subscribe, send, request, ack, query or status)"
         ))),
     };
     let line = match outcome {

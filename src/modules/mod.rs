@@ -93,6 +93,16 @@ impl Hub {
         }
     }
 
+    /// The agent's counters and link state.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// The status report of `edgehub status`: counters, link state, outbox and drops.
+    pub fn status_json(&self) -> serde_json::Value {
+        self.status.snapshot(&self.outbox, self.pending.len())
+    }
+
     /// True while a session with the cloud is up.
     pub fn is_connected(&self) -> bool {
         self.status.is_connected()
