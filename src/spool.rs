@@ -26,6 +26,8 @@ const HEADER_BYTES: usize = 8; // len + crc
 const FIXED_BODY_BYTES: usize = 1 + 8 + 8; // kind + seq + enqueued_ms
 /// Upper bound on one record, so a corrupt length cannot make us allocate gigabytes.
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
+/// Highest seq a record may carry; anything above is treated as corrupt.
+pub const MAX_SEQ: u64 = 1 << 62;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 1 << 20;
 
@@ -201,6 +203,16 @@ impl Spool {
                 }
             }
             for record in records {
+                if record.seq > MAX_SEQ {
+                    // Never written by us (2^62 messages would take millennia): corrupt or
+                    // foreign. Skipped, so next_seq cannot overflow and segment names stay unique.
+                    log::error!(
+                        "spool: record with impossible seq {} in {}; skipped",
+                        record.seq,
+                        path.display()
+                    );
+                    continue;
+                }
                 match record.kind {
                     KIND_PUT => match Message::decode(record.payload) {
                         Ok(message) => {
