@@ -9,7 +9,6 @@ use crate::outbox::FullPolicy;
 use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
-use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -448,7 +447,10 @@ fn validate_server(server: &str) -> Result<()> {
         return bad("has unbalanced brackets");
     }
     // Resolvable names are checked at dial time (DNS may be down at boot); literal IPs here.
-    if host.chars().all(|c| c.is_ascii_digit() || c == '.') && server.to_socket_addrs().is_err() {
+    // Parsed, not resolved: a resolver call here could hang validation at boot (found by fuzzing).
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && host.parse::<std::net::Ipv4Addr>().is_err()
+    {
         return bad("is not a valid IPv4 address");
     }
     Ok(())
