@@ -189,10 +189,8 @@ fn wait_disconnected(cloud: &Cloud) {
 }
 
 #[test]
-fn busybox_init_script_starts_reports_refuses_a_second_start_restarts_and_stops_cleanly() {
-    if emulated(
-        "busybox_init_script_starts_reports_refuses_a_second_start_restarts_and_stops_cleanly",
-    ) {
+fn busybox_init_script_runs_the_agent_through_start_status_reload_restart_and_stop() {
+    if emulated("busybox_init_script_runs_the_agent_through_start_status_reload_restart_and_stop") {
         return;
     }
     let _w = watchdog(Duration::from_secs(90));
@@ -228,6 +226,17 @@ fn busybox_init_script_starts_reports_refuses_a_second_start_restarts_and_stops_
     assert_eq!(sysv.pid(), pid, "the pid file still names the running agent");
     assert_eq!(agent_pids(work.path()), vec![pid], "still exactly one agent");
 
+    // reload: SIGHUP to the same process, which re-reads the file and says what it applied.
+    let mut changed = config.clone();
+    changed.log_level = edgehub::config::LogLevel::Debug;
+    std::fs::write(&config_path, serde_json::to_string_pretty(&changed).unwrap()).unwrap();
+    let out = sysv.run("reload");
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("the agent logs the reload", || {
+        std::fs::read_to_string(&sysv.log).unwrap_or_default().contains("reloaded")
+    });
+    assert_eq!(agent_pids(work.path()), vec![pid], "reload keeps the process");
+
     let out = sysv.run("restart");
     assert!(out.status.success(), "{}", text(&out));
     wait_disconnected(&cloud);
@@ -252,6 +261,12 @@ fn busybox_init_script_starts_reports_refuses_a_second_start_restarts_and_stops_
 
     let log = std::fs::read_to_string(&sysv.log).unwrap();
     assert!(log.contains("connected to"), "the agent's output reaches the log file:\n{log}");
+    assert!(log.contains("applied logLevel"), "{log}");
+    assert_eq!(
+        log.matches("] stopped").count(),
+        2,
+        "both agents stopped cleanly on SIGTERM:\n{log}"
+    );
 }
 
 #[test]
