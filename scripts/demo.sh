@@ -71,6 +71,7 @@ cat >"$work/config.json" <<JSON
   "tlsCertFile": "certs/edge.crt",
   "tlsPrivateKeyFile": "certs/edge.key",
   "stateDir": "state",
+  "localApiSocket": "api.sock",
   "nodeStatusInterval": 30,
   "reconnectJitter": 0.5
 }

@@ -22,7 +22,7 @@ sim_pid=$!
 for _ in $(seq 100); do grep -q "listening on" "$work/sim.log" 2>/dev/null && break; sleep 0.1; done
 addr=$(grep -o 'listening on [0-9.:]*' "$work/sim.log" | awk '{print $3}')
 cat >"$work/config.json" <<JSON
-{"nodeName": "measure-gw", "websocket": {"server": "$addr"}, "stateDir": "state",
+{"nodeName": "measure-gw", "websocket": {"server": "$addr"}, "stateDir": "state", "localApiSocket": "api.sock",
  "tlsCaFile": "pki/ca.crt", "tlsCertFile": "pki/client.crt", "tlsPrivateKeyFile": "pki/client.key"}
 JSON
 /tmp/edgehub-device-build run --config "$work/config.json" 2>"$work/agent.log" &
