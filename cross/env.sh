@@ -194,13 +194,18 @@ cross_openssl_sysroot() {
 # libunwind.a. On aarch64, x86_64 and mips it calls glibc's _dl_find_object, which musl lacks, so
 # a replacement built on dl_iterate_phdr (cross/musl/dl_find_object.c) is added to the archive.
 cross_musl_unwind() {
-  local out="$T_DIR/unwind" eh shim="$CROSS_ROOT/cross/musl/dl_find_object.c"
+  local out="$T_DIR/unwind" eh shim="$CROSS_ROOT/cross/musl/dl_find_object.c" needs_shim=0
   eh="$("$T_GNU-gcc" -print-file-name=libgcc_eh.a)"
   [ -f "$eh" ] || cross_die "no libgcc_eh.a from $T_GNU-gcc"
-  if [ ! -f "$out/libunwind.a" ] || [ "$shim" -nt "$out/libunwind.a" ] || [ "$eh" -nt "$out/libunwind.a" ]; then
+  # (grep without -q: it must read all of nm's output, or pipefail sees nm die of SIGPIPE.)
+  if "$T_GNU-nm" "$eh" 2>/dev/null | grep ' U _dl_find_object$' >/dev/null; then
+    needs_shim=1
+  fi
+  if [ ! -f "$out/libunwind.a" ] || [ "$shim" -nt "$out/libunwind.a" ] || [ "$eh" -nt "$out/libunwind.a" ] ||
+    { [ "$needs_shim" = 1 ] && ! "$T_GNU-nm" "$out/libunwind.a" 2>/dev/null | grep ' T _dl_find_object$' >/dev/null; }; then
     mkdir -p "$out"
     cp "$eh" "$out/libunwind.a.tmp"
-    if "$T_GNU-nm" "$eh" 2>/dev/null | grep -q ' U _dl_find_object$'; then
+    if [ "$needs_shim" = 1 ]; then
       "$T_CC" -O2 -fPIC -c "$shim" -o "$out/dl_find_object.o"
       "$T_GNU-ar" rs "$out/libunwind.a.tmp" "$out/dl_find_object.o" 2>/dev/null
     fi

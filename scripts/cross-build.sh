@@ -7,15 +7,25 @@
 #
 #   scripts/cross-build.sh                                  # all shipped targets
 #   scripts/cross-build.sh armv7-unknown-linux-musleabihf   # one
+#   scripts/cross-build.sh --setup [TARGET...]              # only the apt work
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=cross/env.sh
 . cross/env.sh
 
+setup_only=0
+if [ "${1:-}" = --setup ]; then
+  setup_only=1
+  shift
+fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${CROSS_DEFAULT_TARGETS[@]}")
 for t in "${targets[@]}"; do cross_target_facts "$t"; done # unknown names fail before any work
 cross_apt "${targets[@]}"
+if [ "$setup_only" = 1 ]; then
+  cross_log "packages for ${targets[*]} installed; nothing built"
+  exit 0
+fi
 
 build_one() (
   cross_target_facts "$1"

@@ -6,18 +6,28 @@
 # CI runs it for armv7-unknown-linux-musleabihf, the OpenWrt/gateway build.
 #
 #   scripts/cross-test.sh armv7-unknown-linux-musleabihf [cargo test arguments] [-- test arguments]
+#   scripts/cross-test.sh --setup armv7-unknown-linux-musleabihf   # only the apt work and binfmt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=cross/env.sh
 . cross/env.sh
 
-[ $# -ge 1 ] || cross_die "usage: scripts/cross-test.sh TARGET [cargo test arguments]"
+setup_only=0
+if [ "${1:-}" = --setup ]; then
+  setup_only=1
+  shift
+fi
+[ $# -ge 1 ] || cross_die "usage: scripts/cross-test.sh [--setup] TARGET [cargo test arguments] [-- test arguments]"
 target="$1"
 shift
 cross_target_facts "$target"
 cross_apt "$target"
 cross_cargo_env
 cross_binfmt
+if [ "$setup_only" = 1 ]; then
+  cross_log "$target: set up (packages, binfmt); nothing built"
+  exit 0
+fi
 
 # The simulator for the integration tests, plus what makes OpenSSL part of a musl binary.
 # (Not --all-features: that would also build OpenSSL from source for the glibc targets, which
