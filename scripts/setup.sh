@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Installs what building edgehub needs on a fresh Debian machine: a Rust toolchain is assumed
-# (cargo on PATH); OpenSSL headers and pkg-config come from Debian's packages. Idempotent.
+# Installs what building and testing edgehub needs on a fresh Debian machine: a Rust toolchain is
+# assumed (cargo on PATH); OpenSSL headers, pkg-config, busybox and shellcheck come from Debian's
+# packages. Idempotent. (Cross toolchains: scripts/cross-test.sh --setup.)
 set -euo pipefail
 
 need_apt=()
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 if ! pkg-config --exists openssl 2>/dev/null; then need_apt+=(libssl-dev); fi
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The init-script tests run the scripts under busybox and check them with shellcheck.
+command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
