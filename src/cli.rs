@@ -198,7 +198,11 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
     let local_api = local_api::Settings::from_config(config);
     Ok(vec![
         meta,
-        node_status::spec(config.node_name.clone(), config.node_status_interval.0),
+        node_status::spec_for(
+            config.node_name.clone(),
+            config.node_status_interval.0,
+            Some(config.state_dir.clone()),
+        ),
         local_api::spec(local_api, Some(store), Some(changes_rx))?,
     ])
 }

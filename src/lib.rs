@@ -12,15 +12,22 @@
 //!       └─ responses ──▶ Pending (request/response)      module ── Hub::send / ack / request ──▶ Outbox
 //! ```
 //!
-//! Files, one concern each: `config` (the JSON file, defaults, validation), `message` (wire
-//! model), `link` (TLS + WebSocket, shared by reader and writer), `poll` (readiness, the only
-//! `unsafe`), `session` (supervisor and session threads), `router` (dispatch table, pending
-//! requests), `outbox` (the bounded upstream queue: TTL, latest-wins, full policy), `spool` (its disk copy), `modules` (module threads and the `Hub`;
-//! `modules::meta_store` the durable resource store that ACKs, `modules::node_status` the status
-//! reporter),
-//! `agent` (assembly, start/stop order), `status` (counters), `cli` (command line),
-//! `error` (the error type). `cloudsim` (feature `cloudsim`) is a CloudHub simulator for tests,
-//! the demo and benchmarks; it is never in the device binary.
+//! Files, one concern each:
+//! - the link: `link` (TLS + WebSocket, shared by reader and writer), `session` (supervisor and
+//!   session threads), `message` (wire model), `router` (dispatch table, pending requests,
+//!   re-sends), `outbox` (the bounded upstream queue: confirmation, TTL, latest-wins, full policy)
+//!   and `spool` (its disk copy);
+//! - edge modules: `modules` (module threads and the `Hub`), `modules::meta_store` (the durable
+//!   resource store that ACKs), `modules::node_status` (host status), `modules::local_api` (the
+//!   Unix socket for apps and mappers) with its client `local_client`;
+//! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
+//! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
+//!   (counters), `logging`, `error`;
+//! - system calls std lacks, the only `unsafe`: `poll` (readiness), `signals` (sigwait), `disk`
+//!   (statvfs).
+//!
+//! `cloudsim` (feature `cloudsim`) is a CloudHub simulator with a certificate server, used by the
+//! tests, the demo and the benchmarks; it is never in the device binary.
 
 #![deny(unsafe_code)]
 
@@ -28,6 +35,7 @@ pub mod agent;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod link;
 pub mod local_client;

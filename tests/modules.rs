@@ -21,7 +21,7 @@ fn check_node_status(msg: &Message) {
     let content: Value = serde_json::from_str(msg.content.get()).unwrap();
     let mut keys: Vec<&str> = content.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["ExtendResources", "Status", "UID"]);
+    assert_eq!(keys, ["ExtendResources", "HostState", "Status", "UID"]);
     assert_eq!(content["ExtendResources"], Value::Null);
     assert_eq!(content["UID"].as_str().map(str::len), Some(36));
     let status = &content["Status"];

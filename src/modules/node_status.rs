@@ -10,6 +10,7 @@ use crate::modules::{Hub, ModuleContext, ModuleSpec};
 use crossbeam_channel::{select, tick};
 use serde_json::{json, Value};
 use std::io::Read;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Shortest report interval: a zero interval would spin the thread.
@@ -27,12 +28,22 @@ const UID_NAMESPACE: [u8; 16] = [
 
 /// The `node_status` module for `node_name`, reporting every `interval` (at least [`MIN_INTERVAL`]).
 pub fn spec(node_name: String, interval: Duration) -> ModuleSpec {
-    ModuleSpec::new("node_status", &[], move |ctx| run(&node_name, interval, ctx))
+    spec_for(node_name, interval, None)
 }
 
-fn run(node: &str, interval: Duration, ctx: ModuleContext) {
-    let reporter = Reporter::new(node);
-    let ticker = tick(interval.max(MIN_INTERVAL));
+/// The same, also reporting the space left where `state_dir` lives.
+pub fn spec_for(node_name: String, interval: Duration, state_dir: Option<PathBuf>) -> ModuleSpec {
+    ModuleSpec::new("node_status", &[], move |ctx| run(&node_name, interval, state_dir, ctx))
+}
+
+fn run(node: &str, interval: Duration, state_dir: Option<PathBuf>, ctx: ModuleContext) {
+    let reporter = Reporter::new(node, state_dir);
+    let interval = interval.max(MIN_INTERVAL);
+    let ticker = tick(interval);
+    // Between reports the host is sampled six times an interval (a few cheap /proc reads) and a
+    // report goes out early when it changed noticeably (see `HostFacts::change_key`).
+    let sampler = tick((interval / 6).max(MIN_INTERVAL));
+    let mut reported_key = None;
     let mut refused_streak = false;
     loop {
         select! {
@@ -41,7 +52,7 @@ fn run(node: &str, interval: Duration, ctx: ModuleContext) {
                 Ok(msg) if msg.route.resource == CONNECTION_RESOURCE
                     && msg.content_text().as_deref() == Some(CLOUD_CONNECTED) =>
                 {
-                    reporter.report(&ctx.hub, &mut refused_streak);
+                    reported_key = Some(reporter.report(&ctx.hub, &mut refused_streak));
                 }
                 Ok(msg) => log::debug!("node_status: ignoring {msg:?}"),
             },
@@ -49,7 +60,14 @@ fn run(node: &str, interval: Duration, ctx: ModuleContext) {
                 // A report queued while offline would be stale when sent and would crowd the
                 // outbox; the next connect reports at once instead.
                 if ctx.hub.is_connected() {
-                    reporter.report(&ctx.hub, &mut refused_streak);
+                    reported_key = Some(reporter.report(&ctx.hub, &mut refused_streak));
+                }
+            }
+            recv(sampler) -> _ => {
+                let key = reporter.facts().change_key();
+                if ctx.hub.is_connected() && reported_key.is_some_and(|reported| reported != key) {
+                    log::debug!("node_status: host changed, reporting early");
+                    reported_key = Some(reporter.report(&ctx.hub, &mut refused_streak));
                 }
             }
         }
@@ -62,32 +80,40 @@ struct Reporter {
     uid: String,
     /// When the module started: the Ready condition's `lastTransitionTime`.
     started_secs: i64,
+    state_dir: Option<PathBuf>,
 }
 
 impl Reporter {
-    fn new(node: &str) -> Reporter {
+    fn new(node: &str, state_dir: Option<PathBuf>) -> Reporter {
         let machine_id = read_host_file("/etc/machine-id");
         Reporter {
             node: node.to_owned(),
             uid: node_uid(&machine_id, node),
             started_secs: now_secs(),
+            state_dir,
         }
     }
 
-    /// Queues one report. A refusal (outbox full) is logged once per run of refusals.
-    fn report(&self, hub: &Hub, refused_streak: &mut bool) {
-        let content = status_content(
-            &self.node,
-            &self.uid,
-            &HostFacts::read(),
-            now_secs(),
-            self.started_secs,
-        );
+    fn facts(&self) -> HostFacts {
+        let mut facts = HostFacts::read();
+        if let Some((total, available)) = self.state_dir.as_deref().and_then(crate::disk::space) {
+            facts.state_dir_kib = Some((total / 1024, available / 1024));
+        }
+        facts
+    }
+
+    /// Queues one report (a newer one replaces an unsent older one in the outbox: node status is
+    /// a coalescing kind). A refusal (outbox full) is logged once per run of refusals. Returns
+    /// the change key of what it reported.
+    fn report(&self, hub: &Hub, refused_streak: &mut bool) -> ChangeKey {
+        let facts = self.facts();
+        let key = facts.change_key();
+        let content = status_content(&self.node, &self.uid, &facts, now_secs(), self.started_secs);
         let content = match serde_json::value::to_raw_value(&content) {
             Ok(raw) => raw,
             Err(e) => {
                 log::error!("bug: node_status: encode node status: {e}");
-                return;
+                return key;
             }
         };
         let route = Route {
@@ -113,8 +139,12 @@ impl Reporter {
                 *refused_streak = true;
             }
         }
+        key
     }
 }
+
+/// Coarse buckets of what changes: a report goes out early when one of them moves.
+pub type ChangeKey = (u64, u64, u64);
 
 /// The host, read afresh for each report. Every field has a fallback: a missing file gives an
 /// empty string or 0, never an error.
@@ -126,6 +156,26 @@ pub struct HostFacts {
     pub boot_id: String,
     pub kernel_version: String,
     pub os_image: String,
+    pub uptime_secs: u64,
+    /// 1, 5 and 15 minute load averages, as /proc/loadavg writes them.
+    pub load: [String; 3],
+    pub mem_available_kib: u64,
+    /// Size and space available of the state directory's filesystem, when known.
+    pub state_dir_kib: Option<(u64, u64)>,
+}
+
+impl HostFacts {
+    /// Memory available in tenths of the total, state-dir space available in twentieths, and the
+    /// 1-minute load rounded: a change in any of them is worth a report before the interval ends.
+    pub fn change_key(&self) -> ChangeKey {
+        let tenths = (self.mem_available_kib * 10).checked_div(self.memory_kib).unwrap_or(0);
+        let twentieths = self
+            .state_dir_kib
+            .and_then(|(total, available)| (available * 20).checked_div(total))
+            .unwrap_or(0);
+        let load = self.load[0].parse::<f64>().map_or(0, |l| l.round() as u64);
+        (tenths, twentieths, load)
+    }
 }
 
 impl HostFacts {
@@ -141,6 +191,10 @@ impl HostFacts {
             boot_id: read_host_file("/proc/sys/kernel/random/boot_id"),
             kernel_version: read_host_file("/proc/sys/kernel/osrelease"),
             os_image: pretty_name(&os_release),
+            uptime_secs: first_number(&read_host_file("/proc/uptime")),
+            load: load_averages(&read_host_file("/proc/loadavg")),
+            mem_available_kib: meminfo_kib(&read_host_file("/proc/meminfo"), "MemAvailable:"),
+            state_dir_kib: None,
         }
     }
 }
@@ -153,11 +207,14 @@ pub fn status_content(
     now_secs: i64,
     started_secs: i64,
 ) -> Value {
-    let resources = json!({
+    let mut resources = json!({
         "cpu": facts.cpus.to_string(),
         "memory": format!("{}Ki", facts.memory_kib),
         "pods": PODS_CAPACITY,
     });
+    if let Some((total, _)) = facts.state_dir_kib {
+        resources["ephemeral-storage"] = json!(format!("{total}Ki"));
+    }
     json!({
         "UID": uid,
         "Status": {
@@ -187,7 +244,40 @@ pub fn status_content(
             },
         },
         "ExtendResources": null,
+        // Not a field of Go's NodeStatusRequest: CloudHub's decoder ignores it, while anyone
+        // reading the message (dashboards, the simulator's log) sees the host's live state.
+        "HostState": {
+            "uptimeSeconds": facts.uptime_secs,
+            "load": facts.load,
+            "memAvailableKi": facts.mem_available_kib,
+            "stateDirTotalKi": facts.state_dir_kib.map(|(total, _)| total),
+            "stateDirAvailableKi": facts.state_dir_kib.map(|(_, available)| available),
+        },
     })
+}
+
+/// The first number of a /proc file such as /proc/uptime (`"12345.67 ..."` → 12345).
+fn first_number(text: &str) -> u64 {
+    text.split(|c: char| c.is_whitespace() || c == '.')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The three load averages of /proc/loadavg, `"0"` where missing.
+fn load_averages(text: &str) -> [String; 3] {
+    let mut fields = text.split_whitespace().map(str::to_owned);
+    [(); 3].map(|_| fields.next().unwrap_or_else(|| "0".to_owned()))
+}
+
+/// A `Key:   123 kB` line of /proc/meminfo, in KiB (the kernel's "kB" are KiB); 0 when absent.
+fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Rust's architecture name as Go's `GOARCH`, which is what a kubelet reports (and what node
@@ -231,12 +321,7 @@ fn uuid_v5(namespace: &[u8; 16], name: &[u8]) -> String {
 
 /// `MemTotal` in KiB from /proc/meminfo text (the kernel's "kB" are KiB); 0 when absent.
 pub fn mem_total_kib(meminfo: &str) -> u64 {
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    meminfo_kib(meminfo, "MemTotal:")
 }
 
 /// `PRETTY_NAME` from os-release text, unquoted and unescaped (os-release(5)); "" when absent.
@@ -398,6 +483,28 @@ mod tests {
     }
 
     #[test]
+    fn host_state_parsers_and_change_key() {
+        assert_eq!(first_number("12345.67 54321.00\n"), 12345);
+        assert_eq!(first_number(""), 0);
+        assert_eq!(load_averages("0.52 0.58 0.59 1/467 12345\n"), ["0.52", "0.58", "0.59"]);
+        assert_eq!(load_averages(""), ["0", "0", "0"]);
+        assert_eq!(meminfo_kib("MemTotal: 1000 kB\nMemAvailable:  600 kB\n", "MemAvailable:"), 600);
+        let mut facts =
+            HostFacts { memory_kib: 1000, mem_available_kib: 600, ..HostFacts::default() };
+        facts.state_dir_kib = Some((2000, 1000));
+        facts.load[0] = "1.4".into();
+        assert_eq!(facts.change_key(), (6, 10, 1));
+        facts.mem_available_kib = 640; // within the same tenth: no early report
+        assert_eq!(facts.change_key(), (6, 10, 1));
+        facts.state_dir_kib = Some((2000, 890)); // disk filling: the twentieth moves
+        assert_ne!(facts.change_key(), (6, 10, 1));
+        let content = status_content("n", "u", &facts, 0, 0);
+        assert_eq!(content["Status"]["capacity"]["ephemeral-storage"], "2000Ki");
+        assert_eq!(content["HostState"]["stateDirAvailableKi"], 890);
+        assert_eq!(content["HostState"]["memAvailableKi"], 640);
+    }
+
+    #[test]
     fn content_has_the_node_status_request_shape() {
         let facts = HostFacts {
             cpus: 4,
@@ -406,10 +513,12 @@ mod tests {
             boot_id: "b".into(),
             kernel_version: "5.10.0".into(),
             os_image: "Debian GNU/Linux 11".into(),
+            ..HostFacts::default()
         };
         let content = status_content("edge-node-1", "u-1", &facts, 1_644_998_410, 1_644_998_280);
         let keys: Vec<&String> = content.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["ExtendResources", "Status", "UID"]);
+        // Go's NodeStatusRequest keys, plus HostState, which CloudHub's decoder ignores.
+        assert_eq!(keys, ["ExtendResources", "HostState", "Status", "UID"]);
         assert_eq!(content["UID"], "u-1");
         assert_eq!(content["ExtendResources"], Value::Null);
         let status = &content["Status"];
