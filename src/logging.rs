@@ -28,7 +28,10 @@ pub fn init(target: LogTarget, level: log::LevelFilter) {
     let installed = match target {
         LogTarget::Stderr => {
             builder.set_time_format_rfc3339();
-            simplelog::WriteLogger::init(log::LevelFilter::Trace, builder.build(), io::stderr())
+            // simplelog writes a record in pieces; one write per line keeps lines whole for
+            // whoever reads the log concurrently (procd, a tail, other processes' lines).
+            let stderr = io::LineWriter::new(io::stderr());
+            simplelog::WriteLogger::init(log::LevelFilter::Trace, builder.build(), stderr)
         }
         LogTarget::Syslog => match SyslogWriter::connect() {
             Ok(writer) => {
@@ -40,7 +43,7 @@ pub fn init(target: LogTarget, level: log::LevelFilter) {
                 let result = simplelog::WriteLogger::init(
                     log::LevelFilter::Trace,
                     builder.build(),
-                    io::stderr(),
+                    io::LineWriter::new(io::stderr()),
                 );
                 log::warn!("cannot log to syslog at {SYSLOG_SOCKET} ({e}); logging to stderr");
                 result

@@ -272,7 +272,8 @@ fn sighup_changes_log_level_and_rate_without_a_reconnect() {
         .replace(r#""heartbeat": 0.3"#, r#""heartbeat": 0.4"#);
     std::fs::write(&daemon.config, changed).unwrap();
     daemon.signal("-HUP");
-    wait_until("reload logged", || daemon.log_text().contains("reloaded"));
+    // The logger writes a line in several pieces: wait for its last words.
+    wait_until("reload logged", || daemon.log_text().contains("need a restart: heartbeat\n"));
     let log = daemon.log_text();
     assert!(log.contains("applied logLevel, messageQPS"), "{log}");
     assert!(log.contains("need a restart: heartbeat"), "{log}");
@@ -285,7 +286,12 @@ fn sighup_changes_log_level_and_rate_without_a_reconnect() {
     // A broken file is refused and the agent keeps running.
     std::fs::write(&daemon.config, "{ not json").unwrap();
     daemon.signal("-HUP");
-    wait_until("refusal logged", || daemon.log_text().contains("reload refused"));
+    wait_until("refusal logged", || {
+        daemon
+            .log_text()
+            .lines()
+            .any(|l| l.contains("reload refused") && l.contains("running configuration"))
+    });
     assert_eq!(daemon.status(false).status.code(), Some(0));
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
