@@ -465,7 +465,7 @@ struct Request {
 
 /// What [`read_line`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Line {
+pub enum Line {
     /// A line (without its `\n`) is in the buffer. At end of stream, an unterminated last line.
     Complete,
     /// The line was longer than the limit; its bytes (this many) were read and thrown away.
@@ -477,11 +477,7 @@ pub(crate) enum Line {
 /// Reads one `\n`-terminated line into `line`, never holding more than `max` bytes of it: a
 /// longer line is consumed up to its end and reported as [`Line::TooLong`], so the stream stays
 /// in step and usable.
-pub(crate) fn read_line(
-    reader: &mut impl BufRead,
-    line: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<Line> {
+pub fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::Result<Line> {
     line.clear();
     let mut total = 0usize;
     loop {
@@ -935,32 +931,106 @@ fn write_loop(id: u64, stream: UnixStream, outgoing: &Outgoing) {
 // ---------------------------------------------------------------------------------------------
 // Commands
 
+/// A request line that passed every check made before acting on it. [`parse_request`] is the
+/// pure half of a command (no hub, no I/O), so it can be fuzzed; `execute` does the rest.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    /// The request's `id`, echoed in the reply.
+    pub id: Option<Box<RawValue>>,
+    pub command: Command,
+}
+
+/// What a request asks for, its arguments checked.
+#[derive(Debug)]
+pub enum Command {
+    /// Groups to add: each 1-[`MAX_GROUP_BYTES`] bytes, at most [`MAX_GROUPS_PER_CLIENT`] (how
+    /// many this client may still add is checked when it runs).
+    Subscribe(Vec<String>),
+    /// A message for the outbox, with `msg_id` and `timestamp` filled in.
+    Send(Message),
+    /// `timeout` is `None` when the line gave no `timeoutMs` (the configured default applies).
+    Request {
+        message: Message,
+        timeout: Option<Duration>,
+    },
+    /// A message received, with a `msg_id`.
+    Ack(Message),
+    Query {
+        resource: String,
+        timeout: Option<Duration>,
+    },
+    Status,
+}
+
+/// Why [`parse_request`] refused a line (a `bad_request`), with the request's `id` when the line
+/// was a request object.
+#[derive(Debug)]
+pub struct Rejected {
+    pub id: Option<Box<RawValue>>,
+    pub error: String,
+}
+
+/// Parses one request line (without its `\n`) and checks everything that can be checked without
+/// the agent: the JSON shape, the op, the groups, the message (decoded, with route.group and
+/// route.operation where it goes to the cloud), `timeoutMs` and a query's resource.
+///
+/// # Errors
+/// [`Rejected`] with the reason, for any line a client could send; it never panics.
+pub fn parse_request(line: &[u8]) -> Result<ParsedRequest, Rejected> {
+    let request: Request = serde_json::from_slice(line)
+        .map_err(|e| Rejected { id: None, error: format!("bad request: {e}") })?;
+    match command_of(&request) {
+        Ok(command) => Ok(ParsedRequest { id: request.id, command }),
+        Err(error) => Err(Rejected { id: request.id, error }),
+    }
+}
+
+fn command_of(request: &Request) -> Result<Command, String> {
+    Ok(match request.op.as_str() {
+        "subscribe" => Command::Subscribe(subscribe_groups(request)?),
+        "send" => Command::Send(outgoing_message(request)?),
+        "request" => {
+            Command::Request { message: outgoing_message(request)?, timeout: timeout_of(request)? }
+        }
+        "ack" => Command::Ack(acked_message(request)?),
+        "query" => {
+            let Some(resource) = &request.resource else {
+                return Err("query needs \"resource\": \"<namespace>/<type>/<name>\"".to_owned());
+            };
+            Command::Query { resource: resource.clone(), timeout: timeout_of(request)? }
+        }
+        "status" => Command::Status,
+        other => {
+            return Err(format!(
+                "unknown op {other:?} (expected subscribe, send, request, ack, query or status)"
+            ))
+        }
+    })
+}
+
 fn execute(client: u64, line: &[u8], shared: &ClientShared) {
-    let request: Request = match serde_json::from_slice(line) {
-        Ok(request) => request,
-        Err(e) => {
-            let line = error_line(None, bad_request(format!("bad request: {e}")));
+    let parsed = match parse_request(line) {
+        Ok(parsed) => parsed,
+        Err(rejected) => {
+            let line = error_line(rejected.id.as_deref(), bad_request(rejected.error));
             shared.clients.reply(client, line);
             return;
         }
     };
-    let id = request.id.as_deref();
-    let outcome = match request.op.as_str() {
-        "subscribe" => match subscribe_groups(&request, shared.clients.groups_left(client)) {
-            Ok(groups) => {
-                shared.clients.subscribe(client, id, groups);
-                return;
-            }
-            Err(failure) => Err(failure),
-        },
-        "send" => send(&request, &shared.hub),
-        "request" => cloud_request(&request, shared),
-        "ack" => ack(&request, &shared.hub),
-        "query" => query(&request, shared),
-        "status" => Ok(Reply { status: Some(shared.hub.status_json()), ..Reply::default() }),
-        other => Err(bad_request(format!(
-            "unknown op {other:?} (expected subscribe, send, request, ack, query or status)"
-        ))),
+    let id = parsed.id.as_deref();
+    let outcome = match parsed.command {
+        Command::Subscribe(groups) if groups.len() > shared.clients.groups_left(client) => Err(
+            bad_request(format!("subscribe: at most {MAX_GROUPS_PER_CLIENT} groups per client")),
+        ),
+        Command::Subscribe(groups) => {
+            shared.clients.subscribe(client, id, groups);
+            return;
+        }
+        Command::Send(msg) => send(msg, &shared.hub),
+        Command::Request { message, timeout } => cloud_request(message, timeout, shared),
+        Command::Ack(msg) => Ok(Reply { acked: Some(shared.hub.ack(&msg)), ..Reply::default() }),
+        Command::Query { resource, timeout } => query(&resource, timeout, shared),
+        Command::Status => Ok(Reply { status: Some(shared.hub.status_json()), ..Reply::default() }),
     };
     let line = match outcome {
         Ok(reply) => to_line(&Reply { ok: true, id, ..reply }),
@@ -972,39 +1042,37 @@ fn execute(client: u64, line: &[u8], shared: &ClientShared) {
 /// What a command answers: the reply's fields (without `ok` and `id`), or why it failed.
 type Outcome = Result<Reply<'static>, Failure>;
 
-fn subscribe_groups(request: &Request, left: usize) -> Result<Vec<String>, Failure> {
+fn subscribe_groups(request: &Request) -> Result<Vec<String>, String> {
     let Some(groups) = &request.groups else {
-        return Err(bad_request("subscribe needs \"groups\": [\"twin\", …]"));
+        return Err("subscribe needs \"groups\": [\"twin\", …]".to_owned());
     };
     if groups.is_empty() {
-        return Err(bad_request("subscribe: \"groups\" is empty"));
+        return Err("subscribe: \"groups\" is empty".to_owned());
     }
     if let Some(group) = groups.iter().find(|g| {
         g.is_empty() || g.len() > MAX_GROUP_BYTES || g.chars().any(|c| c.is_control() || c == ' ')
     }) {
-        return Err(bad_request(format!(
+        return Err(format!(
             "subscribe: group {group:?} must be 1-{MAX_GROUP_BYTES} bytes without spaces"
-        )));
+        ));
     }
-    if groups.len() > left {
-        return Err(bad_request(format!(
-            "subscribe: at most {MAX_GROUPS_PER_CLIENT} groups per client"
-        )));
+    if groups.len() > MAX_GROUPS_PER_CLIENT {
+        return Err(format!("subscribe: at most {MAX_GROUPS_PER_CLIENT} groups per client"));
     }
     Ok(groups.clone())
 }
 
 /// The request's message for the cloud, with a fresh `msg_id` and the current time where they are
 /// missing.
-fn outgoing_message(request: &Request) -> Result<Message, Failure> {
+fn outgoing_message(request: &Request) -> Result<Message, String> {
     let op = &request.op;
     let Some(raw) = &request.message else {
-        return Err(bad_request(format!("{op} needs \"message\"")));
+        return Err(format!("{op} needs \"message\""));
     };
-    let mut msg = Message::decode(raw.get().as_bytes())
-        .map_err(|e| bad_request(format!("{op}: message: {e}")))?;
+    let mut msg =
+        Message::decode(raw.get().as_bytes()).map_err(|e| format!("{op}: message: {e}"))?;
     if msg.route.group.is_empty() || msg.route.operation.is_empty() {
-        return Err(bad_request(format!("{op}: message needs route.group and route.operation")));
+        return Err(format!("{op}: message needs route.group and route.operation"));
     }
     if msg.header.id.is_empty() {
         msg.header.id = new_uuid();
@@ -1015,8 +1083,35 @@ fn outgoing_message(request: &Request) -> Result<Message, Failure> {
     Ok(msg)
 }
 
-fn send(request: &Request, hub: &Hub) -> Outcome {
-    let msg = outgoing_message(request)?;
+fn acked_message(request: &Request) -> Result<Message, String> {
+    let Some(raw) = &request.message else {
+        return Err("ack needs \"message\" (the message received)".to_owned());
+    };
+    let msg = Message::decode(raw.get().as_bytes()).map_err(|e| format!("ack: message: {e}"))?;
+    if msg.header.id.is_empty() {
+        return Err("ack: message has no msg_id".to_owned());
+    }
+    Ok(msg)
+}
+
+/// The request's `timeoutMs`, if it gave one within 1..=[`MAX_REQUEST_TIMEOUT`].
+fn timeout_of(request: &Request) -> Result<Option<Duration>, String> {
+    let Some(ms) = request.timeout_ms else { return Ok(None) };
+    let timeout = Duration::from_millis(ms);
+    if timeout.is_zero() || timeout > MAX_REQUEST_TIMEOUT {
+        return Err(format!(
+            "timeoutMs: {ms} is not within 1..={}",
+            MAX_REQUEST_TIMEOUT.as_millis()
+        ));
+    }
+    Ok(Some(timeout))
+}
+
+fn timeout_or_default(timeout: Option<Duration>, shared: &ClientShared) -> Duration {
+    timeout.unwrap_or(shared.request_timeout.min(MAX_REQUEST_TIMEOUT))
+}
+
+fn send(msg: Message, hub: &Hub) -> Outcome {
     let msg_id = msg.header.id.clone();
     hub.send(msg).map_err(|rejected| Failure {
         kind: failure::FULL,
@@ -1025,50 +1120,22 @@ fn send(request: &Request, hub: &Hub) -> Outcome {
     Ok(Reply { msg_id: Some(msg_id), ..Reply::default() })
 }
 
-fn timeout_of(request: &Request, default: Duration) -> Result<Duration, Failure> {
-    let Some(ms) = request.timeout_ms else { return Ok(default.min(MAX_REQUEST_TIMEOUT)) };
-    let timeout = Duration::from_millis(ms);
-    if timeout.is_zero() || timeout > MAX_REQUEST_TIMEOUT {
-        return Err(bad_request(format!(
-            "timeoutMs: {ms} is not within 1..={}",
-            MAX_REQUEST_TIMEOUT.as_millis()
-        )));
-    }
-    Ok(timeout)
-}
-
 /// Blocks this client's thread (only) until the cloud answers or the timeout passes.
-fn cloud_request(request: &Request, shared: &ClientShared) -> Outcome {
-    let msg = outgoing_message(request)?;
-    let timeout = timeout_of(request, shared.request_timeout)?;
+fn cloud_request(msg: Message, timeout: Option<Duration>, shared: &ClientShared) -> Outcome {
+    let timeout = timeout_or_default(timeout, shared);
     let response =
         shared.hub.request(msg, timeout).map_err(|e| Failure::from_error("request", &e))?;
     Ok(Reply { message: Some(response), ..Reply::default() })
 }
 
-fn ack(request: &Request, hub: &Hub) -> Outcome {
-    let Some(raw) = &request.message else {
-        return Err(bad_request("ack needs \"message\" (the message received)"));
-    };
-    let msg = Message::decode(raw.get().as_bytes())
-        .map_err(|e| bad_request(format!("ack: message: {e}")))?;
-    if msg.header.id.is_empty() {
-        return Err(bad_request("ack: message has no msg_id"));
-    }
-    Ok(Reply { acked: Some(hub.ack(&msg)), ..Reply::default() })
-}
-
-fn query(request: &Request, shared: &ClientShared) -> Outcome {
-    let Some(resource) = &request.resource else {
-        return Err(bad_request("query needs \"resource\": \"<namespace>/<type>/<name>\""));
-    };
+fn query(resource: &str, timeout: Option<Duration>, shared: &ClientShared) -> Outcome {
     let Some(meta) = &shared.meta else {
         return Err(Failure {
             kind: failure::FAILED,
             error: "query: this agent runs no resource store".to_owned(),
         });
     };
-    let timeout = timeout_of(request, shared.request_timeout)?;
+    let timeout = timeout_or_default(timeout, shared);
     let found =
         meta.query(&shared.hub, resource, timeout).map_err(|e| Failure::from_error("query", &e))?;
     let object = found.map(|stored: StoredObject| Object {
@@ -1129,6 +1196,45 @@ mod tests {
         let mut line = Vec::new();
         assert_eq!(read_line(&mut reader, &mut line, 1024).unwrap(), Line::TooLong(1 << 20));
         assert!(line.capacity() <= 1024 + (8 << 10), "capacity {}", line.capacity());
+    }
+
+    #[test]
+    fn parse_request_checks_every_op_without_the_agent() {
+        let message = r#"{"route":{"group":"user","operation":"update"},"content":"x"}"#;
+        let parsed = |line: String| parse_request(line.as_bytes());
+        let rejected = |line: &str| parse_request(line.as_bytes()).unwrap_err().error;
+
+        let ok = parsed(r#"{"op":"subscribe","id":7,"groups":["twin"]}"#.to_owned()).unwrap();
+        assert_eq!(ok.id.unwrap().get(), "7");
+        assert!(matches!(ok.command, Command::Subscribe(g) if g == ["twin"]));
+        let line = format!(r#"{{"op":"send","message":{message}}}"#);
+        let Command::Send(msg) = parsed(line).unwrap().command else { panic!("not a send") };
+        assert!(!msg.header.id.is_empty() && msg.header.timestamp > 0, "{msg:?}");
+        let line = format!(r#"{{"op":"request","message":{message},"timeoutMs":300000}}"#);
+        let Command::Request { timeout, .. } = parsed(line).unwrap().command else {
+            panic!("not a request")
+        };
+        assert_eq!(timeout, Some(MAX_REQUEST_TIMEOUT));
+        let query = parsed(r#"{"op":"query","resource":"a/b/c"}"#.to_owned()).unwrap();
+        assert!(matches!(query.command, Command::Query { timeout: None, .. }));
+        assert!(matches!(
+            parsed(r#"{"op":"status"}"#.to_owned()).unwrap().command,
+            Command::Status
+        ));
+
+        let too_many = format!(r#"{{"op":"subscribe","groups":{:?}}}"#, vec!["g"; 33]);
+        assert!(rejected(&too_many).contains("at most 32 groups"));
+        assert!(rejected(r#"{"op":"subscribe","groups":["a b"]}"#).contains("without spaces"));
+        assert!(rejected(r#"{"op":"send","message":{"route":{"group":"user"}}}"#)
+            .contains("route.group and route.operation"));
+        assert!(rejected(r#"{"op":"ack","message":{}}"#).contains("no msg_id"));
+        let late = format!(r#"{{"op":"request","message":{message},"timeoutMs":300001}}"#);
+        assert!(rejected(&late).contains("timeoutMs"));
+        assert!(rejected(r#"{"op":"query"}"#).contains("needs \"resource\""));
+        assert!(rejected(r#"{"op":"reboot"}"#).contains("unknown op"));
+        assert!(rejected(r#"{"op":"status","extra":1}"#).starts_with("bad request"));
+        let bad = parse_request(br#"{"op":"nope","id":"x"}"#).unwrap_err();
+        assert_eq!(bad.id.unwrap().get(), "\"x\"", "a rejected request keeps its id");
     }
 
     fn msg(group: &str, source: &str, resource: &str) -> Message {
