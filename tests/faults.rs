@@ -257,15 +257,6 @@ fn torn_spool_after_a_power_cut_keeps_earlier_records_and_the_agent_starts() {
     agent.stop();
 }
 
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn outage_longer_than_the_bounds_keeps_memory_capped_and_counts_drops() {
     let _w = watchdog(Duration::from_secs(60));
