@@ -267,8 +267,10 @@ cross_cargo_env() {
   fi
 }
 
-# Features that make OpenSSL part of a static musl binary: prefer the crate's own feature, fall
-# back to enabling the dependency's feature directly.
+# Features that make OpenSSL part of a static musl binary: the openssl crate's `vendored`
+# (openssl-src), enabled from here rather than as a feature of ours, so that the host suite's
+# --all-features does not build OpenSSL from source. A `vendored-openssl` feature, if the crate
+# ever gets one, is used instead.
 cross_openssl_features() {
   if [ "$T_LIBC" != musl ]; then
     return 0
