@@ -11,12 +11,16 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The init-script tests run the scripts under busybox and check them with shellcheck.
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+# The systemd unit is checked with systemd-analyze.
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq || true   # a broken foreign-arch index must not stop us
+  # Native architecture only: once armhf is enabled (scripts/cross-*.sh), its broken security
+  # index would fail a plain update.
+  $sudo apt-get update -qq -o APT::Architectures="$(dpkg --print-architecture)" || true
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
 fi
 

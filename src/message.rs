@@ -4,9 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Wire groups (protocol §1.5, HEAD adds `taskmanager`).
@@ -338,24 +337,31 @@ pub fn new_uuid() -> String {
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
-/// A pseudo-random u64 (splitmix64 over a random seed and a counter). Not for cryptography.
+/// A pseudo-random u64 (splitmix64 over a per-thread random seed and counter). Not for
+/// cryptography. Per-thread state needs no 64-bit atomics, which 32-bit MIPS lacks.
 pub fn random_u64() -> u64 {
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
-        );
-        h.write_u32(std::process::id());
-        h.finish()
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(thread_seed());
+    }
+    let n = STATE.with(|state| {
+        let n = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(n);
+        n
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut z = seed.wrapping_add(n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut z = n;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A random start for a thread's sequence: std's `RandomState` keys are random per thread, mixed
+/// with the time and process ID.
+fn thread_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 #[cfg(test)]
@@ -461,6 +467,16 @@ mod tests {
                 .all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
             assert!(seen.insert(id));
         }
+    }
+
+    #[test]
+    fn uuids_from_many_threads_do_not_collide() {
+        let ids: Vec<Vec<String>> = (0..8)
+            .map(|_| std::thread::spawn(|| (0..2_000).map(|_| new_uuid()).collect()))
+            .map(|t| t.join().unwrap())
+            .collect();
+        let all: std::collections::HashSet<_> = ids.iter().flatten().collect();
+        assert_eq!(all.len(), 16_000);
     }
 
     #[test]
