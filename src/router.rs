@@ -237,9 +237,9 @@ impl Router {
                     Ok(())
                 }
             },
-            Destination::Module(_) if msg.needs_ack() => {
+            Destination::Module(bus) if msg.needs_ack() => {
                 match self.redeliveries.check(&msg.header.id) {
-                    Seen::New => self.deliver_new(msg, stop),
+                    Seen::New => self.deliver(bus, msg, stop),
                     Seen::InProgress => {
                         log::debug!("cloud re-sent {msg:?} while its module works on it; dropped");
                         Status::bump(&self.status.redeliveries);
@@ -266,13 +266,6 @@ impl Router {
                 Status::bump(&self.status.unroutable);
                 Ok(())
             }
-        }
-    }
-
-    fn deliver_new(&self, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
-        match destination(&msg) {
-            Destination::Module(bus) => self.deliver(bus, msg, stop),
-            _ => Ok(()), // cannot happen: only called for module destinations
         }
     }
 
