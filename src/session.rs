@@ -204,7 +204,7 @@ impl Supervisor {
             link::tls_connector(&self.config)?
         };
         let link = link::connect(&self.config, &tls)?;
-        if let Ok(info) = certs::inspect(&self.config) {
+        if let Ok(info) = certs::usable(&self.config) {
             let not_after = u32::try_from(info.not_after.max(0)).unwrap_or(u32::MAX);
             self.status.cert_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
         }

@@ -5,7 +5,8 @@
 //! - **Check** ([`inspect`]): the CA, certificate and key must parse, the key must belong to the
 //!   certificate, the certificate must chain to the CA, be valid now and carry
 //!   `CN=system:node:<nodeName>`. Anything else makes the pair unusable ([`Unusable`]): KubeEdge
-//!   never checks expiry at start (§8 W20).
+//!   never checks expiry at start (§8 W20). One exception ([`usable`]): with no token configured,
+//!   a legacy CN such as `kubeedge.io` (clouds up to v1.20) is used, with one warning at start.
 //! - **Join** ([`join`], [`ensure`] at start): `GET /ca.crt` without server verification, trusted
 //!   only because its SHA-256 equals the token's first part (constant-time compare; §5.2, §5.3,
 //!   and unlike §8 W17 the status is checked); a fresh ECDSA P-256 key and a PKCS#10 CSR for
@@ -243,6 +244,26 @@ impl fmt::Display for Unusable {
 
 /// Checks the CA, certificate and key named in the config (see the file doc).
 pub fn inspect(config: &Config) -> std::result::Result<CertInfo, Unusable> {
+    check_pair(config, false)
+}
+
+/// True for a CN outside the `system:node:` naming, such as `kubeedge.io`, which clouds up to
+/// v1.20 put in every node's certificate (protocol §5.5). A `system:node:<other>` certificate is
+/// not legacy: it names another node (a copied pair or a wrong `nodeName`).
+pub fn is_legacy_cn(common_name: &str) -> bool {
+    !common_name.starts_with(NODE_CN_PREFIX)
+}
+
+/// What the agent runs with: [`inspect`], except that with no join token configured a
+/// certificate with a legacy CN ([`is_legacy_cn`]) is usable. KubeEdge's cloud checks the CN only
+/// when `cloudHub.authorization.enable` is set (off by default), so the cloud decides. With a
+/// token the node re-joins for a `system:node:` certificate instead, as for any unusable pair.
+pub fn usable(config: &Config) -> std::result::Result<CertInfo, Unusable> {
+    check_pair(config, !config.has_token())
+}
+
+/// [`inspect`]; `legacy_ok` accepts a legacy CN too.
+fn check_pair(config: &Config, legacy_ok: bool) -> std::result::Result<CertInfo, Unusable> {
     let read = |key: &str, path: &Path| {
         std::fs::read(path).map_err(|e| Unusable::Missing(format!("{key} {}: {e}", path.display())))
     };
@@ -293,7 +314,8 @@ pub fn inspect(config: &Config) -> std::result::Result<CertInfo, Unusable> {
     if info.not_after <= now {
         return Err(Unusable::Expired { path, not_after: info.not_after });
     }
-    if info.common_name != node_cn(config) {
+    let legacy = legacy_ok && is_legacy_cn(&info.common_name);
+    if info.common_name != node_cn(config) && !legacy {
         return Err(Unusable::WrongNode {
             path,
             common_name: info.common_name,
@@ -304,13 +326,26 @@ pub fn inspect(config: &Config) -> std::result::Result<CertInfo, Unusable> {
 }
 
 /// At start: a usable pair is used as is (the token is not even read); otherwise the node joins
-/// with the configured token; without one, the error says a new token is needed.
+/// with the configured token; without one, the error says a new token is needed. A legacy-CN
+/// certificate with no token configured is usable ([`usable`]) and logged once as a warning.
 ///
 /// # Errors
 /// `Tls` "certificate … expired on DATE; a new token is needed …" and the like when there is no
 /// token; whatever [`join`] returns when joining fails.
 pub fn ensure(config: &Config) -> Result<CertInfo> {
-    let unusable = match inspect(config) {
+    let unusable = match usable(config) {
+        Ok(info) if info.common_name != node_cn(config) => {
+            // The one warning about it: the rotation thread and the dials use it silently.
+            log::warn!(
+                "certificate {} is for {}, not {}: using it because no join token is configured \
+                 (the cloud accepts it unless cloudHub.authorization is enabled); configure a \
+                 token to join for a {NODE_CN_PREFIX} certificate",
+                config.tls_cert_file.display(),
+                info.common_name,
+                node_cn(config)
+            );
+            return Ok(info);
+        }
         Ok(info) => {
             log::info!("certificate {}: {info}", config.tls_cert_file.display());
             return Ok(info);
@@ -614,7 +649,7 @@ fn rotate_until_stopped(
 ) {
     let mut schedule: Option<Schedule> = None;
     loop {
-        let wait = match inspect(config) {
+        let wait = match usable(config) {
             Ok(info) => {
                 if !matches!(&schedule, Some(s) if s.serial == info.serial) {
                     let fraction = ROTATE_FROM + (ROTATE_TO - ROTATE_FROM) * random_fraction();
@@ -675,7 +710,7 @@ fn rotate_until_stopped(
 /// token, else an error saying a new token is needed.
 fn renew(config: &Config, abort: &Abort, reconnect_tx: &Sender<()>) -> Result<CertInfo> {
     let _renewing = Renewing::start(config)?;
-    let issued = match inspect(config) {
+    let issued = match usable(config) {
         Ok(current) => {
             log::info!("rotating certificate {} over mutual TLS", current.serial);
             obtain_by_mtls(config, abort)?

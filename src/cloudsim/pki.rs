@@ -114,6 +114,29 @@ impl Pki {
         Ok((cert_pem(&cert)?, sec1_pem(&key)?))
     }
 
+    /// Issues a client certificate with the subject clouds up to v1.20 gave every node
+    /// (`CN=kubeedge.io`, `O=kubeEdge`, protocol §5.5), valid from an hour ago for `days` days.
+    /// Returns `(cert_pem, sec1_key_pem)`.
+    pub fn issue_legacy_client(&self, days: i64) -> Result<(Vec<u8>, Vec<u8>)> {
+        let ca_cert = X509::from_pem(&self.ca_cert_pem)
+            .map_err(|e| ErrorKind::Tls.msg("parse ca cert").src(e))?;
+        let ca_key = PKey::private_key_from_pem(&self.ca_key_pem)
+            .map_err(|e| ErrorKind::Tls.msg("parse ca key").src(e))?;
+        let key = new_key()?;
+        let subject = [(Nid::COMMONNAME, "kubeedge.io"), (Nid::ORGANIZATIONNAME, "kubeEdge")];
+        let b = base_builder(
+            &subject,
+            ca_cert.subject_name(),
+            &key,
+            -NOT_BEFORE_SLACK_SECS,
+            days * DAY_SECS,
+        )?;
+        let mut usage = ExtendedKeyUsage::new();
+        usage.client_auth();
+        let cert = finish_leaf(b, &ca_cert, &ca_key, usage, None)?;
+        Ok((cert_pem(&cert)?, sec1_pem(&key)?))
+    }
+
     /// The client key as PKCS#8 `PRIVATE KEY` PEM (what native-tls's `Identity::from_pkcs8` takes).
     pub fn client_key_pkcs8_pem(&self) -> Result<Vec<u8>> {
         to_pkcs8(&self.client_key_pem)
