@@ -144,13 +144,21 @@ pub struct SubscribeArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Print a stored resource (namespace/type/name) as JSON; exit 1 if there is none.
+/// Print a stored resource (namespace/type/name) as JSON; exit 1 if there is none. With --watch,
+/// print it (or null) and then one line each time it changes, until the agent stops.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "query")]
 pub struct QueryArgs {
     #[argh(positional)]
     /// the resource, such as default/configmap/app-cfg
     pub resource: String,
+    #[argh(switch)]
+    /// follow the resource: the agent queries it again every --interval while connected
+    pub watch: bool,
+    #[argh(option)]
+    /// seconds between queries with --watch; default: the agent's localApiWatchInterval (never
+    /// below its localApiMinWatchInterval)
+    pub interval: Option<f64>,
     #[argh(option)]
     /// the agent's local API socket; default: localApiSocket of --config
     pub socket: Option<PathBuf>,
@@ -286,6 +294,9 @@ fn subscribe_command(a: SubscribeArgs) -> Result<i32> {
 }
 
 fn query_command(a: QueryArgs) -> Result<i32> {
+    if a.watch {
+        return watch_command(a);
+    }
     let mut client = LocalClient::connect(&socket_path(a.socket, a.config)?)?;
     match client.query(&a.resource)? {
         Some(object) => {
@@ -297,6 +308,51 @@ fn query_command(a: QueryArgs) -> Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// An `object` event of the local API's `watch`: the object (`None` for `null`), or an error.
+#[derive(serde::Deserialize)]
+struct ObjectEvent {
+    event: String,
+    #[serde(default)]
+    resource: String,
+    #[serde(default)]
+    object: Option<Box<RawValue>>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// `edgehub query --watch`: the object now, then one line per change (`null` when it is gone);
+/// a cloud error goes to stderr. Ends when the agent closes the connection or stdout closes.
+fn watch_command(a: QueryArgs) -> Result<i32> {
+    let interval = match a.interval {
+        Some(secs) if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) => {
+            return Err(ErrorKind::Config.msg(format!("--interval {secs}: not 0 to 86400 s")));
+        }
+        Some(secs) => Some(Duration::from_secs_f64(secs)),
+        None => None,
+    };
+    let path = socket_path(a.socket, a.config)?;
+    let mut client = LocalClient::connect(&path)?;
+    let now = client.watch(&a.resource, interval)?;
+    let mut out = io::stdout().lock();
+    if !print_line(&mut out, now.as_ref().map_or("null", |o| o.get()), false)? {
+        return Ok(0);
+    }
+    while let Some(line) = client.next_event()? {
+        let Ok(event) = serde_json::from_str::<ObjectEvent>(&line) else { continue };
+        if event.event != "object" || event.resource != a.resource {
+            continue;
+        }
+        if let Some(error) = event.error {
+            eprintln!("edgehub: {}: {error}", a.resource);
+            continue;
+        }
+        if !print_line(&mut out, event.object.as_ref().map_or("null", |o| o.get()), false)? {
+            return Ok(0);
+        }
+    }
+    Err(ErrorKind::Closed.msg(format!("the agent at {} closed the connection", path.display())))
 }
 
 /// Runs the parsed command. Returns the process exit code on success.

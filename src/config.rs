@@ -34,6 +34,10 @@ pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
 pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
 pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 1024;
 pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
+// Objects followed by local apps (`watch`, issue 12).
+pub const DEFAULT_LOCAL_API_WATCH_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_LOCAL_API_MIN_WATCH_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_LOCAL_API_MAX_WATCHES: usize = 32;
 /// Longest local API socket path: `sun_path` holds 107 bytes, and binding first at a temporary
 /// `<path>.<pid>` (then renaming) needs room for up to 8 more.
 pub const MAX_LOCAL_API_SOCKET_BYTES: usize = 99;
@@ -193,6 +197,16 @@ pub struct Config {
     pub local_client_queue: usize,
     /// Longest request line a local client may send; a longer one gets an error reply.
     pub local_api_max_line_bytes: usize,
+
+    // ---- objects followed by local apps (local API `watch`, issue 12) ----
+    /// How often a followed object is queried again while connected, when the watch names no
+    /// interval.
+    pub local_api_watch_interval: Seconds,
+    /// The shortest interval a watch may ask for (shorter ones are raised to it), so local
+    /// clients cannot make the agent flood the cloud with queries.
+    pub local_api_min_watch_interval: Seconds,
+    /// Distinct objects followed at once, all clients together; more watches are refused.
+    pub local_api_max_watches: usize,
 }
 
 impl Default for Config {
@@ -232,6 +246,9 @@ impl Default for Config {
             local_api_max_clients: DEFAULT_LOCAL_API_MAX_CLIENTS,
             local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
+            local_api_watch_interval: Seconds(DEFAULT_LOCAL_API_WATCH_INTERVAL),
+            local_api_min_watch_interval: Seconds(DEFAULT_LOCAL_API_MIN_WATCH_INTERVAL),
+            local_api_max_watches: DEFAULT_LOCAL_API_MAX_WATCHES,
         }
     }
 }
@@ -356,6 +373,8 @@ impl Config {
             ("websocket.writeDeadline", self.websocket.write_deadline),
             ("requestTimeout", self.request_timeout),
             ("nodeStatusInterval", self.node_status_interval),
+            ("localApiWatchInterval", self.local_api_watch_interval),
+            ("localApiMinWatchInterval", self.local_api_min_watch_interval),
         ] {
             if d.0 < Duration::from_millis(10) {
                 return bad(key, format!("{:?} is too short (at least 0.01 s)", d.0));
@@ -369,6 +388,7 @@ impl Config {
             ("localApiMaxClients", self.local_api_max_clients, 1),
             ("localClientQueue", self.local_client_queue, 1),
             ("localApiMaxLineBytes", self.local_api_max_line_bytes, 1024),
+            ("localApiMaxWatches", self.local_api_max_watches, 1),
         ] {
             if n < min {
                 return bad(key, format!("{n} is below the minimum {min}"));

@@ -1,6 +1,6 @@
 //! The client side of the local API (`modules::local_api` documents the protocol): connect to a
 //! running agent's socket, send one command line at a time, read its reply, and read pushed
-//! events. Used by `edgehub send`, `subscribe` and `query`, and usable from any Rust program on the
+//! events. Used by `edgehub send`, `subscribe` and `query` (and `query --watch`), and usable from any Rust program on the
 //! device. Blocking and single-threaded; events that arrive while a reply is awaited are kept, in
 //! order, for [`LocalClient::next_event`].
 
@@ -121,6 +121,32 @@ impl LocalClient {
         let reply = self.call(&json!({"op": "query", "resource": resource}))?;
         // `"object":null` deserializes as `None`.
         Ok(reply.object.filter(|o| o.get() != "null"))
+    }
+
+    /// Follows `resource`: returns it now (as [`LocalClient::query`]), and from then on an
+    /// `{"event":"object",…}` comes through [`LocalClient::next_event`] each time the agent finds
+    /// it changed. `interval` (how often the agent queries it again; `None`: `localApiWatchInterval`)
+    /// is raised to the agent's `localApiMinWatchInterval`.
+    ///
+    /// # Errors
+    /// `Full` when the agent already follows `localApiMaxWatches` objects; `Config` for a bad
+    /// resource or interval; as [`LocalClient::query`] otherwise.
+    pub fn watch(
+        &mut self,
+        resource: &str,
+        interval: Option<Duration>,
+    ) -> Result<Option<Box<RawValue>>> {
+        let mut request = json!({"op": "watch", "resource": resource});
+        if let Some(interval) = interval {
+            request["intervalMs"] = json!(interval.as_millis().max(1) as u64);
+        }
+        let reply = self.call(&request)?;
+        Ok(reply.object.filter(|o| o.get() != "null"))
+    }
+
+    /// Stops following `resource`.
+    pub fn unwatch(&mut self, resource: &str) -> Result<()> {
+        self.call(&json!({"op": "unwatch", "resource": resource})).map(|_| ())
     }
 
     /// The agent's counters and link state (what `edgehub status` shows).

@@ -378,6 +378,10 @@ impl Session<'_> {
         // Load mode answers bench requests at once, like a control operation.
         let control_reply = control_reply.or_else(|| self.shared.cfg.load.as_ref()?.answer(&msg));
         let parent_id = msg.header.parent_id.clone();
+        // A query for an object put in the cloud is answered through the ack queue (example D).
+        if let Some(answer) = self.shared.objects.answer(&msg) {
+            self.shared.nodes().entry(self.node.clone()).or_default().queues.push_ack(answer);
+        }
         self.shared.emit(SimEvent::Received { node: self.node.clone(), msg, at: Instant::now() });
         if acked {
             self.shared.emit(SimEvent::Ack { node: self.node.clone(), parent_id });

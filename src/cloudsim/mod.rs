@@ -12,6 +12,7 @@
 pub mod certserver;
 mod conn;
 pub mod load;
+mod objects;
 pub mod pki;
 mod queues;
 
@@ -207,6 +208,8 @@ struct Shared {
     conns: Mutex<HashMap<u64, Arc<ConnCtl>>>,
     /// Connection threads not yet joined.
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Objects the cloud answers queries for ([`CloudSim::put_object`]).
+    objects: objects::Objects,
 }
 
 /// One node: its queues, which outlive connections, and its current connection.
@@ -257,6 +260,7 @@ impl CloudSim {
             nodes: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
+            objects: objects::Objects::default(),
         });
         let accept_shared = Arc::clone(&shared);
         let accept_thread = thread::Builder::new()
@@ -341,6 +345,26 @@ impl CloudSim {
             may_fragment: false,
         };
         self.shared.nodes().entry(node.to_owned()).or_default().queues.push_no_ack(item);
+    }
+
+    /// Puts an object "in the cloud": from now on every node's `query` for `resource`
+    /// (`<ns>/<type>/<name>`) is answered at once, as edgecontroller answers from its lister
+    /// (protocol example D), with this `resource_version` and `content` (JSON text), through the
+    /// ack queue. Putting it again replaces it; nothing is pushed to nodes (edgecontroller pushes a
+    /// ConfigMap or Secret only to nodes running a pod that uses it, edge-node §1.6).
+    ///
+    /// # Errors
+    /// `Protocol` when `content` is not JSON.
+    pub fn put_object(&self, resource: &str, resource_version: &str, content: &str) -> Result<()> {
+        let content = crate::message::json_content(content)
+            .map_err(|e| ErrorKind::Protocol.msg(format!("put_object {resource}")).src(e))?;
+        self.shared.objects.put(resource, resource_version, content);
+        Ok(())
+    }
+
+    /// Takes an object out of the cloud: queries for it go unanswered again. True if it was there.
+    pub fn remove_object(&self, resource: &str) -> bool {
+        self.shared.objects.remove(resource)
     }
 
     /// Drops the node's TCP connection abruptly: no close frame, no TLS close_notify.

@@ -19,6 +19,8 @@
 //! | `{"op":"ack","message":{a message received}}` | `{"ok":true,"acked":true}` (false: it needed none) |
 //! | `{"op":"query","resource":"default/configmap/x"}` | `{"ok":true,"object":{"resource","resourceVersion","content"}}`, `"object":null` if absent |
 //! | `{"op":"status"}` | `{"ok":true,"status":{"connected":…,"outbox":{…},"drops":{…},…}}` (what `edgehub status` shows) |
+//! | `{"op":"watch","resource":"default/configmap/x","intervalMs":30000}` | as `query`, plus `"intervalMs"` (the interval granted) |
+//! | `{"op":"unwatch","resource":"default/configmap/x"}` | `{"ok":true}` |
 //!
 //! Any failure is `{"ok":false,"error":"…","kind":"…"}` and the connection stays usable; `kind`
 //! is `bad_request` (not JSON, unknown op or field, a line over `localApiMaxLineBytes`…),
@@ -33,6 +35,11 @@
 //! changes, after they are durable), or any custom wire group name. Messages that travel in the
 //! cloud's ACK queue (they carry a `resourceversion`) must be ACKed by a client (`op:"ack"`);
 //! until one does, the cloud re-sends them every 5 s and subscribers get them again.
+//!
+//! A client that watches an object (`watch`, in `watch.rs`) gets
+//! `{"event":"object","resource":"…","object":{…}}` (`"object":null` when absent, or `"error":"…"`
+//! when the cloud answered with an error) each time a later query finds it changed, until it
+//! unwatches or hangs up.
 //!
 //! # Threads
 //! `eh-localapi` (the module: fans cloud messages out), `eh-api-accept`, and per client
@@ -62,6 +69,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+mod watch;
 
 /// Name of the module (its thread is `eh-localapi`).
 pub const MODULE_NAME: &str = "localapi";
@@ -99,6 +108,8 @@ pub struct Settings {
     pub max_line_bytes: usize,
     /// Used when a request or query gives no `timeoutMs`.
     pub request_timeout: Duration,
+    /// Objects followed by `watch`.
+    pub watch: watch::WatchSettings,
 }
 
 impl Settings {
@@ -109,6 +120,11 @@ impl Settings {
             client_queue: config.local_client_queue.max(1),
             max_line_bytes: config.local_api_max_line_bytes.max(1),
             request_timeout: config.request_timeout.0,
+            watch: watch::WatchSettings {
+                default_interval: config.local_api_watch_interval.0,
+                min_interval: config.local_api_min_watch_interval.0,
+                max_watches: config.local_api_max_watches,
+            },
         }
     }
 }
@@ -241,14 +257,31 @@ fn run(
     // A second handle on the listening socket: shutdown(2) on it wakes the blocked accept().
     let waker = listener.try_clone().map(|l| UnixStream::from(OwnedFd::from(l)));
     let clients = Arc::new(Clients::new(settings.client_queue, settings.max_clients));
+    let watches = Arc::new(watch::Watches::new(settings.watch.clone()));
+    let (stop_tx, stop_rx) = bounded::<()>(0);
+    let watcher = watch::spawn(
+        watches.clone(),
+        meta.clone(),
+        ctx.hub.clone(),
+        clients.clone(),
+        stop_rx.clone(),
+        settings.request_timeout,
+    );
+    let watcher = match watcher {
+        Ok(thread) => Some(thread),
+        Err(e) => {
+            log::error!("local api: spawn watch thread: {e}; watched objects are not queried again");
+            None
+        }
+    };
     let shared = ClientShared {
         hub: ctx.hub.clone(),
         meta,
         clients: clients.clone(),
         max_line_bytes: settings.max_line_bytes,
         request_timeout: settings.request_timeout,
+        watches: watches.clone(),
     };
-    let (stop_tx, stop_rx) = bounded::<()>(0);
     let accept = std::thread::Builder::new()
         .name("eh-api-accept".to_owned())
         .stack_size(ACCEPT_STACK_BYTES)
@@ -265,7 +298,12 @@ fn run(
     loop {
         select! {
             recv(ctx.inbox) -> msg => match msg {
-                Ok(msg) => clients.publish_cloud(&msg, &ctx.hub),
+                Ok(msg) => {
+                    if is_connection_event(&msg) == Some(true) {
+                        watches.on_connected();
+                    }
+                    clients.publish_cloud(&msg, &ctx.hub);
+                }
                 Err(_) => break, // the agent is stopping
             },
             recv(changes) -> msg => match msg {
@@ -294,6 +332,11 @@ fn run(
         if thread.join().is_err() {
             log::error!("bug: local api accept thread panicked");
         }
+    }
+    // The watch thread sees the stop before its next query (one running query ends within
+    // `WATCH_QUERY_TIMEOUT`).
+    if watcher.is_some_and(|thread| thread.join().is_err()) {
+        log::error!("bug: local api watch thread panicked");
     }
     clients.close_all_and_join();
     drop(socket_file);
@@ -398,6 +441,9 @@ struct Reply<'a> {
     /// The agent's counters and link state (`status`).
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<serde_json::Value>,
+    /// The interval a `watch` was granted.
+    #[serde(rename = "intervalMs", skip_serializing_if = "Option::is_none")]
+    interval_ms: Option<u64>,
 }
 
 /// Why a command failed: `kind` is one of [`failure`]'s names, for programs to decide on.
@@ -461,6 +507,9 @@ struct Request {
     timeout_ms: Option<u64>,
     #[serde(default)]
     resource: Option<String>,
+    /// How often a `watch` queries again.
+    #[serde(default, rename = "intervalMs")]
+    interval_ms: Option<u64>,
 }
 
 /// What [`read_line`] found.
@@ -522,6 +571,7 @@ struct ClientShared {
     clients: Arc<Clients>,
     max_line_bytes: usize,
     request_timeout: Duration,
+    watches: Arc<watch::Watches>,
 }
 
 /// The table of connected clients. Its lock is held only for `try_send`s and bookkeeping, never
@@ -856,6 +906,7 @@ fn serve_client_connected(id: u64, stream: UnixStream, outgoing: Outgoing, share
         }
     };
     read_loop(id, &stream, shared);
+    shared.watches.drop_client(id);
     shared.clients.finish(id);
     if writer.join().is_err() {
         log::error!("bug: local api client {id} writer panicked");
@@ -960,6 +1011,15 @@ pub enum Command {
         timeout: Option<Duration>,
     },
     Status,
+    /// Query `resource` now and follow it: `interval` is `None` when the line gave none.
+    Watch {
+        resource: String,
+        interval: Option<Duration>,
+        timeout: Option<Duration>,
+    },
+    Unwatch {
+        resource: String,
+    },
 }
 
 /// Why [`parse_request`] refused a line (a `bad_request`), with the request's `id` when the line
@@ -1000,9 +1060,24 @@ fn command_of(request: &Request) -> Result<Command, String> {
             Command::Query { resource: resource.clone(), timeout: timeout_of(request)? }
         }
         "status" => Command::Status,
+        "watch" => {
+            let resource = watched_resource(request)?;
+            let interval = match request.interval_ms.map(Duration::from_millis) {
+                Some(i) if i.is_zero() || i > watch::MAX_WATCH_INTERVAL => {
+                    return Err(format!(
+                        "watch: intervalMs must be within 1..={}",
+                        watch::MAX_WATCH_INTERVAL.as_millis()
+                    ))
+                }
+                interval => interval,
+            };
+            Command::Watch { resource, interval, timeout: timeout_of(request)? }
+        }
+        "unwatch" => Command::Unwatch { resource: watched_resource(request)? },
         other => {
             return Err(format!(
-                "unknown op {other:?} (expected subscribe, send, request, ack, query or status)"
+                "unknown op {other:?} (expected subscribe, send, request, ack, query, status, \
+                 watch or unwatch)"
             ))
         }
     })
@@ -1031,6 +1106,10 @@ fn execute(client: u64, line: &[u8], shared: &ClientShared) {
         Command::Ack(msg) => Ok(Reply { acked: Some(shared.hub.ack(&msg)), ..Reply::default() }),
         Command::Query { resource, timeout } => query(&resource, timeout, shared),
         Command::Status => Ok(Reply { status: Some(shared.hub.status_json()), ..Reply::default() }),
+        Command::Watch { resource, interval, timeout } => {
+            watch::watch(client, &resource, interval, timeout, shared)
+        }
+        Command::Unwatch { resource } => watch::unwatch(client, &resource, shared),
     };
     let line = match outcome {
         Ok(reply) => to_line(&Reply { ok: true, id, ..reply }),
@@ -1041,6 +1120,16 @@ fn execute(client: u64, line: &[u8], shared: &ClientShared) {
 
 /// What a command answers: the reply's fields (without `ok` and `id`), or why it failed.
 type Outcome = Result<Reply<'static>, Failure>;
+
+/// The `resource` of a watch or unwatch: one object with a safe key.
+fn watched_resource(request: &Request) -> Result<String, String> {
+    let op = &request.op;
+    let Some(resource) = &request.resource else {
+        return Err(format!("{op} needs \"resource\": \"<namespace>/<type>/<name>\""));
+    };
+    watch::check_resource(op, resource)?;
+    Ok(resource.clone())
+}
 
 fn subscribe_groups(request: &Request) -> Result<Vec<String>, String> {
     let Some(groups) = &request.groups else {
