@@ -270,7 +270,9 @@ fn run(
     let watcher = match watcher {
         Ok(thread) => Some(thread),
         Err(e) => {
-            log::error!("local api: spawn watch thread: {e}; watched objects are not queried again");
+            log::error!(
+                "local api: spawn watch thread: {e}; watched objects are not queried again"
+            );
             None
         }
     };

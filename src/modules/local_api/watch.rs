@@ -331,14 +331,13 @@ pub(super) fn spawn(
     stop_rx: Receiver<()>,
     request_timeout: Duration,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("eh-api-watch".to_owned())
-        .stack_size(WATCH_STACK_BYTES)
-        .spawn(move || {
+    std::thread::Builder::new().name("eh-api-watch".to_owned()).stack_size(WATCH_STACK_BYTES).spawn(
+        move || {
             let Some(meta) = meta else { return }; // no store: `watch` is refused anyway
             let timeout = request_timeout.min(WATCH_QUERY_TIMEOUT);
             run(&watches, &meta, &hub, &clients, &stop_rx, timeout);
-        })
+        },
+    )
 }
 
 fn run(
@@ -423,8 +422,8 @@ mod tests {
         let clients = Clients::new(4, 4);
         let line: Arc<str> = Arc::from("x\n");
         let every = Duration::from_secs(10);
-        w.follow(1, "default/configmap/a", every, seen("1"), &line, &clients).unwrap();
-        w.follow(2, "default/configmap/a", every * 2, seen("1"), &line, &clients).unwrap();
+        assert!(w.follow(1, "default/configmap/a", every, seen("1"), &line, &clients).is_ok());
+        assert!(w.follow(2, "default/configmap/a", every * 2, seen("1"), &line, &clients).is_ok());
         let full = w.follow(3, "default/configmap/b", every, seen("1"), &line, &clients);
         assert_eq!(full.err().map(|f| f.kind), Some(failure::FULL));
         assert!(w.record("default/configmap/a", seen("1")).is_empty(), "no change, no event");
@@ -437,7 +436,7 @@ mod tests {
         assert!(w.unfollow(1, "default/configmap/a") && !w.unfollow(1, "default/configmap/a"));
         w.drop_client(2);
         assert!(w.next_due().is_none(), "nobody follows it any more");
-        w.follow(3, "default/configmap/b", every, Seen::Absent, &line, &clients).unwrap();
+        assert!(w.follow(3, "default/configmap/b", every, Seen::Absent, &line, &clients).is_ok());
     }
 
     #[test]
