@@ -42,7 +42,8 @@
 //! unwatches or hangs up.
 //!
 //! # Threads
-//! `eh-localapi` (the module: fans cloud messages out), `eh-api-accept`, and per client
+//! `eh-localapi` (the module: fans cloud messages out), `eh-api-accept`, `eh-api-watch` (queries
+//! watched objects again, `watch.rs`), and per client
 //! `eh-client` (reads and runs commands; a `request` or `query` blocks only this client) and
 //! `eh-client-out` (writes its queue). Stopping wakes `accept()`, cuts every client, joins every
 //! thread and deletes the socket file.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 pub const MAX_WATCH_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Longest a periodic query waits for the cloud before the store answers: it also bounds how long
 /// one silent answer holds up the other followed objects, and how long a stop waits for the thread.
-pub const WATCH_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WATCH_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A cloud error text kept and shown is cut to this many bytes.
 const MAX_ERROR_BYTES: usize = 1024;
 /// The thread queries through the hub and hashes content: no deep stack.
