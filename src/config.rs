@@ -192,11 +192,6 @@ pub struct Config {
     pub local_api_socket: PathBuf,
     /// Local API clients connected at once; more are refused with an error line.
     pub local_api_max_clients: usize,
-    /// Lines (replies and events) queued per local client; a client that lets it overflow is
-    /// disconnected, so a slow reader never stalls the agent.
-    pub local_client_queue: usize,
-    /// Longest request line a local client may send; a longer one gets an error reply.
-    pub local_api_max_line_bytes: usize,
 
     // ---- objects followed by local apps (local API `watch`, issue 12) ----
     /// How often a followed object is queried again while connected, when the watch names no
@@ -207,6 +202,13 @@ pub struct Config {
     pub local_api_min_watch_interval: Seconds,
     /// Distinct objects followed at once, all clients together; more watches are refused.
     pub local_api_max_watches: usize,
+
+    // ---- the local API, continued ----
+    /// Lines (replies and events) queued per local client; a client that lets it overflow is
+    /// disconnected, so a slow reader never stalls the agent.
+    pub local_client_queue: usize,
+    /// Longest request line a local client may send; a longer one gets an error reply.
+    pub local_api_max_line_bytes: usize,
 }
 
 impl Default for Config {
@@ -244,11 +246,11 @@ impl Default for Config {
             node_status_interval: Seconds(DEFAULT_NODE_STATUS_INTERVAL),
             local_api_socket: PathBuf::from(DEFAULT_LOCAL_API_SOCKET),
             local_api_max_clients: DEFAULT_LOCAL_API_MAX_CLIENTS,
-            local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
-            local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
             local_api_watch_interval: Seconds(DEFAULT_LOCAL_API_WATCH_INTERVAL),
             local_api_min_watch_interval: Seconds(DEFAULT_LOCAL_API_MIN_WATCH_INTERVAL),
             local_api_max_watches: DEFAULT_LOCAL_API_MAX_WATCHES,
+            local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
+            local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
         }
     }
 }
@@ -368,13 +370,13 @@ impl Config {
             );
         }
         for (key, d) in [
+            ("localApiWatchInterval", self.local_api_watch_interval),
+            ("localApiMinWatchInterval", self.local_api_min_watch_interval),
             ("websocket.handshakeTimeout", self.websocket.handshake_timeout),
             ("websocket.readDeadline", self.websocket.read_deadline),
             ("websocket.writeDeadline", self.websocket.write_deadline),
             ("requestTimeout", self.request_timeout),
             ("nodeStatusInterval", self.node_status_interval),
-            ("localApiWatchInterval", self.local_api_watch_interval),
-            ("localApiMinWatchInterval", self.local_api_min_watch_interval),
         ] {
             if d.0 < Duration::from_millis(10) {
                 return bad(key, format!("{:?} is too short (at least 0.01 s)", d.0));

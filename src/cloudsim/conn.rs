@@ -370,6 +370,10 @@ impl Session<'_> {
         if msg.route.operation == operation::KEEPALIVE {
             self.keepalive_deadline = Instant::now() + self.shared.cfg.keepalive_timeout;
         }
+        // A query for an object put in the cloud is answered through the ack queue (example D).
+        if let Some(answer) = self.shared.objects.answer(&msg) {
+            self.shared.nodes().entry(self.node.clone()).or_default().queues.push_ack(answer);
+        }
         let acked = msg.route.operation == operation::RESPONSE && {
             let mut nodes = self.shared.nodes();
             nodes.get_mut(&self.node).is_some_and(|n| n.queues.on_response(&msg.header.parent_id))
@@ -378,10 +382,6 @@ impl Session<'_> {
         // Load mode answers bench requests at once, like a control operation.
         let control_reply = control_reply.or_else(|| self.shared.cfg.load.as_ref()?.answer(&msg));
         let parent_id = msg.header.parent_id.clone();
-        // A query for an object put in the cloud is answered through the ack queue (example D).
-        if let Some(answer) = self.shared.objects.answer(&msg) {
-            self.shared.nodes().entry(self.node.clone()).or_default().queues.push_ack(answer);
-        }
         self.shared.emit(SimEvent::Received { node: self.node.clone(), msg, at: Instant::now() });
         if acked {
             self.shared.emit(SimEvent::Ack { node: self.node.clone(), parent_id });

@@ -12,9 +12,11 @@
 pub mod certserver;
 mod conn;
 pub mod load;
-mod objects;
 pub mod pki;
 mod queues;
+
+// Answers to queries for objects put in the cloud.
+mod objects;
 
 pub use certserver::{CertServer, CertServerConfig};
 pub use load::{LoadConfig, SendClass};
@@ -198,6 +200,8 @@ impl fmt::Debug for CloudSim {
 struct Shared {
     cfg: SimConfig,
     acceptor: SslAcceptor,
+    /// Objects the cloud answers queries for ([`CloudSim::put_object`]).
+    objects: objects::Objects,
     /// Unbounded: the simulator is a test tool and must never block on a slow test reading events.
     events_tx: Sender<SimEvent>,
     stopping: AtomicBool,
@@ -208,8 +212,6 @@ struct Shared {
     conns: Mutex<HashMap<u64, Arc<ConnCtl>>>,
     /// Connection threads not yet joined.
     workers: Mutex<Vec<JoinHandle<()>>>,
-    /// Objects the cloud answers queries for ([`CloudSim::put_object`]).
-    objects: objects::Objects,
 }
 
 /// One node: its queues, which outlive connections, and its current connection.
@@ -256,11 +258,11 @@ impl CloudSim {
             acceptor,
             events_tx,
             stopping: AtomicBool::new(false),
+            objects: objects::Objects::default(),
             next_conn_id: AtomicU64::new(1),
             nodes: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
-            objects: objects::Objects::default(),
         });
         let accept_shared = Arc::clone(&shared);
         let accept_thread = thread::Builder::new()

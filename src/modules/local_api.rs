@@ -103,29 +103,29 @@ const WRITER_STACK_BYTES: usize = 64 << 10;
 /// What the module needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// Objects followed by `watch`.
+    pub watch: watch::WatchSettings,
     pub socket: PathBuf,
     pub max_clients: usize,
     pub client_queue: usize,
     pub max_line_bytes: usize,
     /// Used when a request or query gives no `timeoutMs`.
     pub request_timeout: Duration,
-    /// Objects followed by `watch`.
-    pub watch: watch::WatchSettings,
 }
 
 impl Settings {
     pub fn from_config(config: &Config) -> Settings {
         Settings {
-            socket: config.local_api_socket.clone(),
-            max_clients: config.local_api_max_clients.max(1),
-            client_queue: config.local_client_queue.max(1),
-            max_line_bytes: config.local_api_max_line_bytes.max(1),
-            request_timeout: config.request_timeout.0,
             watch: watch::WatchSettings {
                 default_interval: config.local_api_watch_interval.0,
                 min_interval: config.local_api_min_watch_interval.0,
                 max_watches: config.local_api_max_watches,
             },
+            socket: config.local_api_socket.clone(),
+            max_clients: config.local_api_max_clients.max(1),
+            client_queue: config.local_client_queue.max(1),
+            max_line_bytes: config.local_api_max_line_bytes.max(1),
+            request_timeout: config.request_timeout.0,
         }
     }
 }
@@ -278,12 +278,12 @@ fn run(
         }
     };
     let shared = ClientShared {
+        watches: watches.clone(),
         hub: ctx.hub.clone(),
         meta,
         clients: clients.clone(),
         max_line_bytes: settings.max_line_bytes,
         request_timeout: settings.request_timeout,
-        watches: watches.clone(),
     };
     let accept = std::thread::Builder::new()
         .name("eh-api-accept".to_owned())
@@ -569,12 +569,12 @@ pub fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> i
 /// What every client thread shares.
 #[derive(Clone)]
 struct ClientShared {
+    watches: Arc<watch::Watches>,
     hub: Hub,
     meta: Option<MetaHandle>,
     clients: Arc<Clients>,
     max_line_bytes: usize,
     request_timeout: Duration,
-    watches: Arc<watch::Watches>,
 }
 
 /// The table of connected clients. Its lock is held only for `try_send`s and bookkeeping, never
