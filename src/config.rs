@@ -34,10 +34,6 @@ pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
 pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
 pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 1024;
 pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
-// Objects followed by local apps (`watch`, issue 12).
-pub const DEFAULT_LOCAL_API_WATCH_INTERVAL: Duration = Duration::from_secs(60);
-pub const DEFAULT_LOCAL_API_MIN_WATCH_INTERVAL: Duration = Duration::from_secs(10);
-pub const DEFAULT_LOCAL_API_MAX_WATCHES: usize = 32;
 /// Longest local API socket path: `sun_path` holds 107 bytes, and binding first at a temporary
 /// `<path>.<pid>` (then renaming) needs room for up to 8 more.
 pub const MAX_LOCAL_API_SOCKET_BYTES: usize = 99;
@@ -47,6 +43,11 @@ pub const DEFAULT_SPOOL_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_COALESCE: [&str; 3] = ["/nodestatus/", "/podstatus", "/twin/edge_updated"];
 /// CloudHub closes a node that sent no keepalive for this long (protocol §4.3).
 pub const CLOUD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+// Objects followed by local apps (`watch`, issue 12): the interval when a watch names
+// none, the shortest one granted, and how many objects may be followed at once.
+pub const DEFAULT_LOCAL_API_WATCH_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_LOCAL_API_MIN_WATCH_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_LOCAL_API_MAX_WATCHES: usize = 32;
 
 /// A duration written in the file as seconds. edgecore writes whole seconds; fractions are accepted
 /// too (tests and benchmarks run with sub-second heartbeats).
