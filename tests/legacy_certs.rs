@@ -1,7 +1,7 @@
 //! Certificates from older clouds over real TLS on 127.0.0.1 (issue 12, protocol §5.5): a pair
 //! whose CN is `kubeedge.io` (what clouds up to v1.20 issue) is used with exactly one warning when
-//! no join token is configured, and the cloud decides; with a token the node joins for a
-//! `system:node:<node>` certificate as before.
+//! no join token is configured, and the cloud decides (and its first rotation asks for a
+//! `system:node:<node>` certificate); with a token the node joins for one as before.
 #![cfg(feature = "cloudsim")]
 
 mod support;
@@ -11,7 +11,7 @@ use edgehub::certs::{self, Unusable};
 use edgehub::cloudsim::{CertServer, CertServerConfig, SimEvent};
 use edgehub::{Agent, Config};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::*;
 
 const LEGACY_CN: &str = "kubeedge.io";
@@ -132,4 +132,33 @@ fn a_certificate_for_another_node_is_not_legacy_and_still_needs_a_token() {
     assert!(matches!(certs::usable(&c), Err(Unusable::WrongNode { .. })));
     let text = certs::ensure(&c).unwrap_err().to_string();
     assert!(text.contains("a new token is needed"), "{text}");
+}
+
+#[test]
+fn a_legacy_certificate_becomes_a_node_certificate_at_its_first_rotation_without_a_token() {
+    let _w = watchdog(Duration::from_secs(60));
+    let e = LegacyEdge::start();
+    let c = e.config(None);
+    // O=KubeEdge: the legacy subject HEAD's certificate server still rotates (protocol §5.4).
+    // A 10 s lifetime puts the rotation 6-8 s from now.
+    let (cert, key) = e.cloud.pki.issue_client_with_subject(LEGACY_CN, "KubeEdge", -1, 9).unwrap();
+    let paths = PairPaths::new(&c.tls_private_key_file, &c.tls_cert_file).unwrap();
+    store::install(&paths, &key, &cert).unwrap();
+    assert_eq!(certs::ensure(&c).unwrap().common_name, LEGACY_CN);
+    let agent = Agent::start(c.clone(), Vec::new()).unwrap();
+    assert_eq!(e.wait_connected_as(), LEGACY_CN);
+
+    // The rotation asks for system:node:<node> over mutual TLS, then the link reconnects with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rotated = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match e.cloud.events.recv_timeout(left) {
+            Ok(SimEvent::Connected { client_cn, .. }) => break client_cn,
+            Ok(_) => {}
+            Err(_) => panic!("no reconnect with a rotated certificate within 30 s"),
+        }
+    };
+    assert_eq!(rotated, format!("system:node:{NODE}"));
+    assert_eq!(certs::inspect(&c).unwrap().common_name, rotated);
+    agent.stop();
 }

@@ -114,22 +114,40 @@ impl Pki {
         Ok((cert_pem(&cert)?, sec1_pem(&key)?))
     }
 
-    /// Issues a client certificate with the subject clouds up to v1.20 gave every node
+    /// Issues a client certificate with the subject edges requested from clouds up to v1.20
     /// (`CN=kubeedge.io`, `O=kubeEdge`, protocol §5.5), valid from an hour ago for `days` days.
     /// Returns `(cert_pem, sec1_key_pem)`.
     pub fn issue_legacy_client(&self, days: i64) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.issue_client_with_subject(
+            "kubeedge.io",
+            "kubeEdge",
+            -NOT_BEFORE_SLACK_SECS,
+            days * DAY_SECS,
+        )
+    }
+
+    /// Issues a client certificate for any subject `CN=<cn>, O=<organization>`, valid from now +
+    /// `not_before_offset_secs` until now + `not_after_offset_secs`. Returns
+    /// `(cert_pem, sec1_key_pem)`.
+    pub fn issue_client_with_subject(
+        &self,
+        cn: &str,
+        organization: &str,
+        not_before_offset_secs: i64,
+        not_after_offset_secs: i64,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
         let ca_cert = X509::from_pem(&self.ca_cert_pem)
             .map_err(|e| ErrorKind::Tls.msg("parse ca cert").src(e))?;
         let ca_key = PKey::private_key_from_pem(&self.ca_key_pem)
             .map_err(|e| ErrorKind::Tls.msg("parse ca key").src(e))?;
         let key = new_key()?;
-        let subject = [(Nid::COMMONNAME, "kubeedge.io"), (Nid::ORGANIZATIONNAME, "kubeEdge")];
+        let subject = [(Nid::COMMONNAME, cn), (Nid::ORGANIZATIONNAME, organization)];
         let b = base_builder(
             &subject,
             ca_cert.subject_name(),
             &key,
-            -NOT_BEFORE_SLACK_SECS,
-            days * DAY_SECS,
+            not_before_offset_secs,
+            not_after_offset_secs,
         )?;
         let mut usage = ExtendedKeyUsage::new();
         usage.client_auth();
