@@ -124,20 +124,24 @@ impl Watches {
         requested.unwrap_or(self.settings.default_interval).max(self.settings.min_interval)
     }
 
-    /// Refuses a watch that would follow one object more than allowed.
+    /// Refuses a watch that would follow more objects than allowed (before its query is made).
     fn check_room(&self, resource: &str) -> Result<(), Failure> {
         let table = self.lock();
         if table.len() >= self.settings.max_watches && !table.iter().any(|f| f.resource == resource)
         {
-            return Err(Failure {
-                kind: failure::FULL,
-                error: format!(
-                    "watch: already following {} objects (localApiMaxWatches); unwatch one first",
-                    self.settings.max_watches
-                ),
-            });
+            return Err(self.full());
         }
         Ok(())
+    }
+
+    fn full(&self) -> Failure {
+        Failure {
+            kind: failure::FULL,
+            error: format!(
+                "watch: already following {} objects (localApiMaxWatches); unwatch one first",
+                self.settings.max_watches
+            ),
+        }
     }
 
     /// Adds `client` to the followers of `resource`, which it has just seen as `seen`. When other
@@ -174,10 +178,8 @@ impl Watches {
                     Vec::new()
                 }
             }
-            None if table.len() >= self.settings.max_watches => {
-                drop(table);
-                return self.check_room(resource); // says why
-            }
+            // Taken meanwhile by another client's watch.
+            None if table.len() >= self.settings.max_watches => return Err(self.full()),
             None => {
                 let due = now.checked_add(interval).unwrap_or(now + MAX_WATCH_INTERVAL);
                 table.push(Followed {
