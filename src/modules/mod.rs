@@ -50,10 +50,11 @@ impl Hub {
 
     /// The ACK contract of protocol §4.5 in one call: "I have applied this message". Queues the
     /// response CloudHub waits for if the message came through its ACK queue (it carries a
-    /// resourceversion, or is a delete), and returns whether one was queued. Call it only after
-    /// the change is durable: an ACK tells the cloud never to send this version again.
+    /// resourceversion, or is a delete, and no no-ack rule of [`crate::router::cloud_queue`]
+    /// covers it), and returns whether one was queued. Call it only after the change is durable:
+    /// an ACK tells the cloud never to send this version again.
     pub fn ack(&self, msg: &Message) -> bool {
-        if !msg.needs_ack() {
+        if !crate::router::cloud_waits_for_ack(msg) {
             return false;
         }
         Status::bump(&self.status.acks_sent);
