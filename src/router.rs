@@ -473,6 +473,45 @@ mod tests {
         }
     }
 
+    /// Every reply shape `cloud_queue` knows, as the controllers send them (issue 16).
+    #[test]
+    fn reply_shapes_follow_the_clouds_queues() {
+        use CloudQueue::*;
+        let reply = |source: &str, group: &str, op: &str, resource: &str, rv: &str, text: &str| {
+            let mut msg = m(group, source, op, "req-1");
+            msg.route.resource = resource.into();
+            msg.header.resource_version = rv.into();
+            msg.content = crate::message::text_content(text);
+            msg
+        };
+        let ec = "edgecontroller";
+        let cases = [
+            // status update answered "OK" with the new resourceversion (edge-node §1.5)
+            (reply(ec, "resource", "response", "default/node/n1", "42", "OK"), NoAck),
+            // registration answered "OK" or with the error text, no resourceversion
+            (reply(ec, "resource", "response", "default/node/n1", "", "OK"), NoAck),
+            (reply(ec, "resource", "response", "default/node/n1", "", "create node n1 error"), NoAck),
+            // devicecontroller's answer to edge_updated
+            (reply("devicecontroller", "twin", "response", "twin", "", "OK"), NoAck),
+            // servicebus / eventbus answers
+            (reply("router_servicebus", "user", "response", "80:/x", "7", "{}"), NoAck),
+            // HEAD ObjectResp answers and errors
+            (reply(ec, "resource", "response", "kube-node-lease/lease/n1", "9", "{}"), NoAck),
+            (reply(ec, "resource", "response", "null/nodepatch/n1", "9", "{}"), NoAck),
+            (reply(ec, "resource", "response", "default/pod/p", "9", "{}"), NoAck),
+            (reply(ec, "resource", "error", "default/configmap/c", "", "not found"), NoAck),
+            // a query's answer with the object: ack queue (W9)
+            (reply(ec, "resource", "response", "default/configmap/c", "4711", "{}"), Ack),
+            // HEAD's node object after each change: ack queue
+            (reply(ec, "resource", "update", "null/node/n1", "43", "{}"), Ack),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(cloud_queue(&msg), want, "{msg:?}");
+        }
+        let no_version = reply("someone", "resource", "response", "default/configmap/c", "", "{}");
+        assert!(matches!(cloud_queue(&no_version), Drop(_)));
+    }
+
     #[test]
     fn pending_delivers_once_and_cancel_leaves_nothing() {
         let p = Pending::default();
