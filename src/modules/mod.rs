@@ -5,6 +5,7 @@
 
 pub mod local_api;
 pub mod meta_store;
+pub mod node;
 pub mod node_status;
 
 use crate::error::{ErrorKind, Result};
@@ -94,6 +95,24 @@ impl Hub {
         }
     }
 
+    /// Sends `msg` as a request without waiting: the response (the message whose
+    /// `parent_msg_id` is `msg`'s ID) arrives on the returned handle's receiver. Dropping the
+    /// handle gives the request up; a later response is then an orphan.
+    ///
+    /// # Errors
+    /// `Full` when too many requests wait or the outbox is full.
+    pub fn request_async(&self, msg: Message) -> Result<PendingReply> {
+        let id = msg.header.id.clone();
+        let Some(rx) = self.pending.register(&id) else {
+            return Err(ErrorKind::Full.msg("too many requests waiting for the cloud"));
+        };
+        if let Err(rejected) = self.outbox.push(msg) {
+            self.pending.cancel(&id);
+            return Err(ErrorKind::Full.msg(rejected.to_string()));
+        }
+        Ok(PendingReply { id, rx, pending: self.pending.clone() })
+    }
+
     /// The agent's counters and link state.
     pub fn status(&self) -> &Status {
         &self.status
@@ -112,6 +131,32 @@ impl Hub {
     /// Messages waiting to go up.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+}
+
+/// A request in flight, from [`Hub::request_async`]. Its waiter is removed when dropped.
+#[derive(Debug)]
+pub struct PendingReply {
+    id: String,
+    rx: Receiver<Message>,
+    pending: Arc<Pending>,
+}
+
+impl PendingReply {
+    /// The request's `msg_id`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where the response arrives (once), for `select!`.
+    pub fn receiver(&self) -> &Receiver<Message> {
+        &self.rx
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.pending.cancel(&self.id);
     }
 }
 
