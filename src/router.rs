@@ -490,7 +490,10 @@ mod tests {
             (reply(ec, "resource", "response", "default/node/n1", "42", "OK"), NoAck),
             // registration answered "OK" or with the error text, no resourceversion
             (reply(ec, "resource", "response", "default/node/n1", "", "OK"), NoAck),
-            (reply(ec, "resource", "response", "default/node/n1", "", "create node n1 error"), NoAck),
+            (
+                reply(ec, "resource", "response", "default/node/n1", "", "create node n1 error"),
+                NoAck,
+            ),
             // devicecontroller's answer to edge_updated
             (reply("devicecontroller", "twin", "response", "twin", "", "OK"), NoAck),
             // servicebus / eventbus answers

@@ -88,8 +88,10 @@ fn request_answered_in_group_twin_goes_to_the_caller_and_not_to_the_twin_module(
     // `edgehub send --request` of an edge_updated (edge-node §4 item 30).
     let request = Message::new(
         route("twin", "resource", "update", "device/thermo-1/twin/edge_updated"),
-        json_content(r#"{"event_id":"e1","timestamp":1,"twin":{"temperature":{"actual":{"value":"21"}}}}"#)
-            .unwrap(),
+        json_content(
+            r#"{"event_id":"e1","timestamp":1,"twin":{"temperature":{"actual":{"value":"21"}}}}"#,
+        )
+        .unwrap(),
     );
     let request_id = request.header.id.clone();
     let hub = agent.hub();

@@ -82,13 +82,17 @@ impl EdgeController {
 
     /// Marks the pod as being deleted and returns the `update` syncPod sends, or `None` when the
     /// node has no such pod.
-    pub fn start_pod_deletion(&mut self, node: &str, namespace: &str, name: &str) -> Option<Message> {
+    pub fn start_pod_deletion(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Message> {
         let version = self.version();
         let key = format!("{namespace}/{name}");
         let pod = self.pods.get_mut(node)?.get_mut(&key)?;
-        pod["metadata"]["deletionTimestamp"] = json!(crate::modules::node_status::rfc3339(
-            crate::message::now_millis() / 1000
-        ));
+        pod["metadata"]["deletionTimestamp"] =
+            json!(crate::modules::node_status::rfc3339(crate::message::now_millis() / 1000));
         pod["metadata"]["resourceVersion"] = json!(version);
         Some(pod_message(operation::UPDATE, &key, pod, &version))
     }
@@ -104,7 +108,9 @@ impl EdgeController {
             ("node", operation::UPDATE) if msg.route.source == "edged" => {
                 self.update_labels(namespace, name, msg, &mut out)
             }
-            ("podstatus", operation::UPDATE) => self.pod_status(node, namespace, name, msg, &mut out),
+            ("podstatus", operation::UPDATE) => {
+                self.pod_status(node, namespace, name, msg, &mut out)
+            }
             ("pod", operation::DELETE) if msg.route.source == "edged" => {
                 self.delete_pod(node, namespace, name, msg, &mut out)
             }
@@ -316,7 +322,8 @@ mod tests {
         assert!(!out.send[0].header.resource_version.is_empty());
         assert_eq!(ec.node("n1").unwrap()["status"]["phase"], "Running");
         // An insert for a node that exists changes nothing and says OK.
-        let again = edged("insert", "default/nodestatus/n1", r#"{"metadata":{"labels":{"x":"y"}}}"#);
+        let again =
+            edged("insert", "default/nodestatus/n1", r#"{"metadata":{"labels":{"x":"y"}}}"#);
         assert_eq!(ec.on_upstream("n1", &again).send[0].content_text().as_deref(), Some("OK"));
         assert!(ec.node("n1").unwrap()["metadata"]["labels"].get("x").is_none());
         ec.refuse_registrations("n2", 1);

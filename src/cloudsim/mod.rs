@@ -253,7 +253,11 @@ impl Shared {
         }
         match queues::classify(&msg) {
             Class::NoAck => {
-                self.nodes().entry(node.to_owned()).or_default().queues.push_no_ack(Downstream::message(&msg));
+                self.nodes()
+                    .entry(node.to_owned())
+                    .or_default()
+                    .queues
+                    .push_no_ack(Downstream::message(&msg));
             }
             Class::Ack => {
                 self.nodes().entry(node.to_owned()).or_default().queues.push_ack(msg);

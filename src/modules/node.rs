@@ -142,9 +142,9 @@ impl Lifecycle {
         loop {
             let registration_rx = answer_rx(&self.registration);
             let status_rx = answer_rx(&self.status_reply);
-            let retry = self.retry_at.map_or(never(), |at| {
-                after(at.saturating_duration_since(Instant::now()))
-            });
+            let retry = self
+                .retry_at
+                .map_or(never(), |at| after(at.saturating_duration_since(Instant::now())));
             select! {
                 recv(ctx.inbox) -> msg => match msg {
                     Err(_) => return,
@@ -381,7 +381,11 @@ fn remember(set: &mut HashSet<String>, uid: &str) -> bool {
     set.insert(uid.to_owned())
 }
 
-fn edged_message(operation: &str, resource: &str, content: Box<serde_json::value::RawValue>) -> Message {
+fn edged_message(
+    operation: &str,
+    resource: &str,
+    content: Box<serde_json::value::RawValue>,
+) -> Message {
     Message::new(
         Route {
             source: EDGED.to_owned(),
@@ -679,6 +683,9 @@ mod tests {
         let body = registration_body(&s, &HostFacts::default(), None);
         assert_eq!(body["metadata"]["labels"]["kubernetes.io/os"], "openwrt");
         assert_eq!(body["spec"], json!({}));
-        assert_eq!(body["status"]["addresses"], json!([{"type": "Hostname", "address": "edge-node-1"}]));
+        assert_eq!(
+            body["status"]["addresses"],
+            json!([{"type": "Hostname", "address": "edge-node-1"}])
+        );
     }
 }
