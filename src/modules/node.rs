@@ -103,6 +103,8 @@ struct Lifecycle {
     backoff: Duration,
     /// The last status update, while its answer has not come.
     status_reply: Option<PendingReply>,
+    /// When the last status update was sent.
+    last_report: Option<Instant>,
     missed_answers: u32,
     /// The Ready condition last reported: its status and since when (Unix seconds).
     ready: Option<(bool, i64)>,
@@ -128,6 +130,7 @@ impl Lifecycle {
             registration: None,
             retry_at: None,
             status_reply: None,
+            last_report: None,
             missed_answers: 0,
             ready: None,
             labels_sent: false,
@@ -238,6 +241,11 @@ impl Lifecycle {
         if !self.connected || !self.registered {
             return;
         }
+        // A report went out moments ago (right after registering): its answer has had no time
+        // to come, and another report now would be a duplicate.
+        if self.last_report.is_some_and(|at| at.elapsed() < self.settings.period / 2) {
+            return;
+        }
         if self.status_reply.take().is_some() {
             self.missed_answers += 1;
             if self.missed_answers >= MISSED_ANSWERS_BEFORE_REREGISTERING {
@@ -278,6 +286,7 @@ impl Lifecycle {
         );
         let msg = self.message("update", &format!("nodestatus/{}", self.settings.node), &body);
         self.status_reply = self.request(hub, msg);
+        self.last_report = Some(Instant::now());
     }
 
     /// Pods bound to this node: each is reported `Failed` once (it would sit `Pending` for ever),
