@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The demo, and the README's main command. Builds edgehub and the CloudHub simulator, makes a
 # throwaway CA, runs the agent against the simulator on 127.0.0.1 and narrates what happens: a
-# join with a KubeEdge token, connect, keepalives, a ConfigMap pushed and ACKed once stored, node
-# status sent up, a forced disconnect and the reconnect, a certificate rotation. Exits 0 by itself
+# join with a KubeEdge token, connect, keepalives, a ConfigMap pushed and ACKed once stored, the
+# node registered and Ready (the Node object as the cloud holds it), a forced disconnect and the reconnect, a certificate rotation. Exits 0 by itself
 # (non-zero if a step does not happen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +72,8 @@ cat >"$work/config.json" <<JSON
   "tlsPrivateKeyFile": "certs/edge.key",
   "stateDir": "state",
   "localApiSocket": "api.sock",
-  "nodeStatusInterval": 30,
+  "nodeStatusUpdateFrequency": 10,
+  "labels": {"site": "demo-lab"},
   "reconnectJitter": 0.5
 }
 JSON
@@ -99,9 +100,16 @@ show "$work/sim.events" "\"parent_msg_id\":\"$msg_id\""
 echo "   stored at $(cd "$work" && ls state/meta/default/configmap/app-cfg.json):"
 sed 's/^/   /' "$work/state/meta/default/configmap/app-cfg.json"; echo
 
-say "4. the agent reports node status up (at connect, then every nodeStatusInterval)"
-wait_for "$work/sim.events" 'nodestatus'
-show "$work/sim.events" 'nodestatus'
+say "4. the node is registered and Ready: insert answered \"OK\", then a status update at once and every nodeStatusUpdateFrequency"
+wait_for "$work/sim.events" '"action":"created"'
+show "$work/sim.events" '"operation":"insert","resource":"default/nodestatus/'
+show "$work/agent.log" "is registered with the cloud"
+wait_for "$work/sim.events" '"action":"status"'
+echo "   Ready condition the cloud holds:"
+{ grep '"action":"status"' "$work/sim.events" || true; } | tail -n 1 \
+  | grep -o '"conditions":\[[^]]*\]' | sed 's/^/   /'
+echo "   the Node object as the cloud holds it:"
+{ grep '"action":"status"' "$work/sim.events" || true; } | tail -n 1 | fold -w 150 | sed 's/^/   /'
 
 say "5. the cloud drops the connection; the agent notices, waits 2 x heartbeat, reconnects"
 echo "cut $node" >&3
@@ -119,7 +127,12 @@ show "$work/agent.log" "certificate rotated"
 wait_for "$work/sim.events" '"event":"connected"' 3 20
 grep '"event":"cert_request"' "$work/sim.events" | cut -c1-160 | sed 's/^/   /'
 
-say "7. stop"
+say "7. the Node object after the run so far (simulator command: node $node)"
+echo "node $node" >&3
+wait_for "$work/sim.events" '"action":"shown"'
+{ grep '"action":"shown"' "$work/sim.events" || true; } | tail -n 1 | fold -w 150 | sed 's/^/   /'
+
+say "8. stop"
 kill -TERM "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
 echo "   keepalives seen by the cloud: $(grep -c '"operation":"keepalive"' "$work/sim.events")"
 echo "   sessions: $(grep -c '"event":"connected"' "$work/sim.events"), ACKs: $(grep -c '"event":"ack"' "$work/sim.events")"

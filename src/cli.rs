@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::local_client::LocalClient;
 use crate::logging::{self, LogTarget};
-use crate::modules::{local_api, meta_store, node_status, ModuleSpec};
+use crate::modules::{local_api, meta_store, node, ModuleSpec};
 use crate::signals;
 use argh::FromArgs;
 use serde_json::value::RawValue;
@@ -194,7 +194,7 @@ pub fn init_logging(level: log::LevelFilter) {
 }
 
 /// The modules `edgehub run` starts: the durable resource store (group `meta`, ACKs what it
-/// stored), the node status reporter, and the local API (which answers queries from the store,
+/// stored), the node lifecycle (registration, status, pods), and the local API (which answers queries from the store,
 /// passes its changes on to `meta` subscribers, and binds its socket here).
 ///
 /// # Errors
@@ -206,11 +206,7 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
     let local_api = local_api::Settings::from_config(config);
     Ok(vec![
         meta,
-        node_status::spec_for(
-            config.node_name.clone(),
-            config.node_status_interval.0,
-            Some(config.state_dir.clone()),
-        ),
+        node::spec(node::Settings::from_config(config), Some(store.clone())),
         local_api::spec(local_api, Some(store), Some(changes_rx))?,
     ])
 }

@@ -8,6 +8,7 @@ use crate::logging::LogTarget;
 use crate::outbox::FullPolicy;
 use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +30,14 @@ pub const DEFAULT_OUTBOX_MAX_BYTES: usize = 8 << 20;
 pub const DEFAULT_MODULE_INBOX_CAP: usize = 256;
 pub const DEFAULT_RECONNECT_JITTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_NODE_STATUS_INTERVAL: Duration = Duration::from_secs(60);
+/// edged's `nodeStatusUpdateFrequency` default (edge-node §1.1).
+pub const DEFAULT_NODE_STATUS_UPDATE_FREQUENCY: Duration = Duration::from_secs(10);
+/// edged's `registerNodeNamespace` default.
+pub const DEFAULT_REGISTER_NODE_NAMESPACE: &str = "default";
+/// The taint a node that runs no containers registers with (edge-node §1.9).
+pub const DEFAULT_TAINT_KEY: &str = "edgehub.io/no-containers";
+/// Taint effects Kubernetes knows.
+pub const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
 pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
 pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
 pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 1024;
@@ -187,8 +195,10 @@ pub struct Config {
     pub reconnect_jitter: Seconds,
     /// Default time a local request waits for the cloud's response.
     pub request_timeout: Seconds,
-    /// How often the node status is reported (also at every connect).
-    pub node_status_interval: Seconds,
+    /// Old name of `nodeStatusUpdateFrequency`, still accepted alone (with a warning at start);
+    /// refused together with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_status_interval: Option<Seconds>,
     /// Unix socket of the local API (mode 0660), for device mappers, scripts and the CLI client.
     pub local_api_socket: PathBuf,
     /// Local API clients connected at once; more are refused with an error line.
@@ -210,6 +220,42 @@ pub struct Config {
     pub local_client_queue: usize,
     /// Longest request line a local client may send; a longer one gets an error reply.
     pub local_api_max_line_bytes: usize,
+
+    // ---- the node object in the cloud (`modules::node`; edged's keys, edge-node §1) ----
+    /// Status report period, also the registration retry base (edged's key). Default 10 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_status_update_frequency: Option<Seconds>,
+    /// Namespace of `<ns>/nodestatus/<node>` (edged's key).
+    pub register_node_namespace: String,
+    /// The `InternalIP` reported; empty: the local address of the link's own socket.
+    #[serde(rename = "nodeIP")]
+    pub node_ip: String,
+    /// `pods` in capacity and allocatable: 0, since edgehub runs no containers (§1.9).
+    pub pods_capacity: u32,
+    /// Taints of the registration (the only message that can set them, §1.5).
+    pub taints: Vec<Taint>,
+    /// Extra node labels (merged over the KubeEdge ones) and annotations.
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A node taint, as `v1.Taint` writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Taint {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    pub effect: String,
+}
+
+/// The default taints: `edgehub.io/no-containers=true:NoSchedule`.
+pub fn default_taints() -> Vec<Taint> {
+    vec![Taint {
+        key: DEFAULT_TAINT_KEY.to_owned(),
+        value: "true".to_owned(),
+        effect: "NoSchedule".to_owned(),
+    }]
 }
 
 impl Default for Config {
@@ -244,7 +290,7 @@ impl Default for Config {
             module_inbox_capacity: DEFAULT_MODULE_INBOX_CAP,
             reconnect_jitter: Seconds(DEFAULT_RECONNECT_JITTER),
             request_timeout: Seconds(DEFAULT_REQUEST_TIMEOUT),
-            node_status_interval: Seconds(DEFAULT_NODE_STATUS_INTERVAL),
+            node_status_interval: None,
             local_api_socket: PathBuf::from(DEFAULT_LOCAL_API_SOCKET),
             local_api_max_clients: DEFAULT_LOCAL_API_MAX_CLIENTS,
             local_api_watch_interval: Seconds(DEFAULT_LOCAL_API_WATCH_INTERVAL),
@@ -252,6 +298,13 @@ impl Default for Config {
             local_api_max_watches: DEFAULT_LOCAL_API_MAX_WATCHES,
             local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
+            node_status_update_frequency: None,
+            register_node_namespace: DEFAULT_REGISTER_NODE_NAMESPACE.to_owned(),
+            node_ip: String::new(),
+            pods_capacity: 0,
+            taints: default_taints(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
         }
     }
 }
@@ -377,7 +430,7 @@ impl Config {
             ("websocket.readDeadline", self.websocket.read_deadline),
             ("websocket.writeDeadline", self.websocket.write_deadline),
             ("requestTimeout", self.request_timeout),
-            ("nodeStatusInterval", self.node_status_interval),
+            ("nodeStatusUpdateFrequency", Seconds(self.node_status_period())),
         ] {
             if d.0 < Duration::from_millis(10) {
                 return bad(key, format!("{:?} is too short (at least 0.01 s)", d.0));
@@ -400,6 +453,7 @@ impl Config {
         if !self.http_server.is_empty() {
             crate::certs::http::BaseUrl::parse(&self.http_server)?;
         }
+        self.validate_node_object()?;
         for (key, path) in [
             ("tlsCaFile", &self.tls_ca_file),
             ("tlsCertFile", &self.tls_cert_file),
@@ -418,6 +472,59 @@ impl Config {
                         path.display()
                     ),
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// The node status period: `nodeStatusUpdateFrequency`, else the old `nodeStatusInterval`,
+    /// else edged's 10 s.
+    pub fn node_status_period(&self) -> Duration {
+        self.node_status_update_frequency
+            .or(self.node_status_interval)
+            .map_or(DEFAULT_NODE_STATUS_UPDATE_FREQUENCY, |s| s.0)
+    }
+
+    /// The keys of the node object (`modules::node`).
+    fn validate_node_object(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(ErrorKind::Config.msg(format!("{key}: {why}")));
+        if self.node_status_interval.is_some() && self.node_status_update_frequency.is_some() {
+            return bad(
+                "nodeStatusInterval",
+                "is the old name of nodeStatusUpdateFrequency; set only nodeStatusUpdateFrequency"
+                    .into(),
+            );
+        }
+        let ns = &self.register_node_namespace;
+        if ns.is_empty()
+            || ns.len() > 63
+            || !ns.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return bad(
+                "registerNodeNamespace",
+                format!("{ns:?} is not a namespace name (1-63 of a-z, 0-9, -)"),
+            );
+        }
+        if !self.node_ip.is_empty() && self.node_ip.parse::<std::net::IpAddr>().is_err() {
+            return bad("nodeIP", format!("{:?} is not an IP address", self.node_ip));
+        }
+        for taint in &self.taints {
+            if taint.key.is_empty() || taint.key.len() > 316 {
+                return bad("taints", format!("key {:?} must be 1-316 chars", taint.key));
+            }
+            if !TAINT_EFFECTS.contains(&taint.effect.as_str()) {
+                return bad(
+                    "taints",
+                    format!(
+                        "effect {:?} of {:?} is not one of {TAINT_EFFECTS:?}",
+                        taint.effect, taint.key
+                    ),
+                );
+            }
+        }
+        for (key, map) in [("labels", &self.labels), ("annotations", &self.annotations)] {
+            if let Some(name) = map.keys().find(|k| k.is_empty() || k.len() > 316) {
+                return bad(key, format!("name {name:?} must be 1-316 chars"));
             }
         }
         Ok(())

@@ -18,8 +18,9 @@
 //!   re-sends), `outbox` (the bounded upstream queue: confirmation, TTL, latest-wins, full policy)
 //!   and `spool` (its disk copy);
 //! - edge modules: `modules` (module threads and the `Hub`), `modules::meta_store` (the durable
-//!   resource store that ACKs), `modules::node_status` (host status), `modules::local_api` (the
-//!   Unix socket for apps and mappers) with its client `local_client`;
+//!   resource store that ACKs), `modules::node` (the Node object: registration, status, pods),
+//!   `modules::node_status` (host facts), `modules::local_api` (the Unix socket for apps and
+//!   mappers) with its client `local_client`;
 //! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
 //! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
 //!   (counters), `logging`, `error`;

@@ -342,6 +342,11 @@ impl Link {
         &self.peer
     }
 
+    /// The local IP address of the link's socket: the address the cloud sees this node on.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.socket.local_addr().ok().map(|a| a.ip())
+    }
+
     /// Waits, without holding the stream's lock, until bytes arrive or `timeout` passes.
     /// Returns `false` on timeout.
     pub fn wait_readable(&self, timeout: Duration) -> Result<bool> {

@@ -64,6 +64,89 @@ pub fn destination(msg: &Message) -> Destination {
     }
 }
 
+/// Which of CloudHub's two downstream queues a message travelled in (protocol §4.4), which is what
+/// decides whether the edge owes an ACK: the cloud re-sends an ack-queue message every 5 s until
+/// it sees one, and waits for nothing on a no-ack message (an ACK for it is one wasted message up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloudQueue {
+    /// The no-ack ("list") queue: sent once, never ACKed.
+    NoAck,
+    /// The ack queue: re-sent until the edge ACKs it.
+    Ack,
+    /// Neither: CloudHub drops it before it reaches an edge. Carries the reason.
+    Drop(&'static str),
+}
+
+/// Resource substrings that put a message in the no-ack queue (ref `isListResource`; HEAD adds
+/// `k8s/ca.crt`).
+const NO_ACK_RESOURCE_PARTS: [&str; 5] =
+    ["podlist", "membership", "twin/cloud_updated", "serviceaccounttoken", "k8s/ca.crt"];
+/// CSI volume operations, no-ack at ref.
+const VOLUME_OPERATIONS: [&str; 4] =
+    ["createvolume", "deletevolume", "controllerpublishvolume", "controllerunpublishvolume"];
+/// Sources whose messages are never ACKed (HEAD `noAckRequired`).
+const NO_ACK_SOURCES: [&str; 2] = ["taskmanager", "nodeupgradejobcontroller"];
+/// Resource types of edgecontroller messages that are never ACKed (HEAD `noAckRequired`).
+const NO_ACK_EDGECONTROLLER_TYPES: [&str; 5] =
+    ["lease", "nodepatch", "podpatch", "podstatus", "certificatesigningrequest"];
+
+/// The cloud's queue for `msg`: ref's `isListResource` (CH/channelq/channelq.go) together with
+/// HEAD's `noAckRequired` (CH/dispatcher/message_dispatcher.go), so that whatever either version
+/// would have put in its ack queue is ACKed. The one rule where the versions differ (ref sends
+/// every edgecontroller `node` message no-ack, HEAD only those that are not `update`) takes HEAD's
+/// narrower side: an ACK the cloud did not want costs one message, a missing one stalls the
+/// node's ack queue for 25 s. Used by the router and `Hub::ack` on the edge, and by the simulator
+/// to sort what it sends, so both ends read the same rules. `resource` is the wire form
+/// `ns/type/name` (CloudHub trims `node/<id>/` before writing), so its type is the second segment.
+///
+/// Reply shapes this sorts, with the rule each follows:
+/// - edgecontroller's answer to a node status `update` (`response` on `<ns>/node/<n>`, `"OK"`,
+///   with a resourceversion): no-ack, rule "`response` with content `"OK"`" (ref and HEAD), and
+///   also "edgecontroller `node`, not `update`".
+/// - edgecontroller's answer to the registration `insert` (`response` on `<ns>/node/<n>`, `"OK"`
+///   or the error text, no resourceversion): no-ack, "edgecontroller `node`" (an error text is no
+///   "OK", so this rule is the one that covers it).
+/// - edgecontroller's answer to the label `update` of `<ns>/node/<n>`: as the status answer.
+/// - devicecontroller's answer to `edge_updated` (`response` in group `twin`, `"OK"`): no-ack,
+///   "`response` with content `"OK"`".
+/// - servicebus or eventbus answers (group `user`): no-ack, "group `user`".
+/// - HEAD `ObjectResp` answers on `lease`, `nodepatch`, `podpatch`, `podstatus`, `pod`+`response`:
+///   no-ack, HEAD's edgecontroller type list; `error` operations: no-ack, HEAD "error responses".
+/// - a query's answer with the object (`response` on `<ns>/configmap/<n>` etc. with a
+///   resourceversion, example D2): ack queue, the default; the edge ACKs it even when its
+///   requester has gone (protocol §8 W9).
+/// - anything else without a resourceversion that is not a delete: CloudHub drops it.
+pub fn cloud_queue(msg: &Message) -> CloudQueue {
+    let route = &msg.route;
+    let resource_type = route.resource.split('/').nth(1).unwrap_or("");
+    let from_edgecontroller = route.source == "edgecontroller";
+    let no_ack = NO_ACK_RESOURCE_PARTS.iter().any(|part| route.resource.contains(part))
+        || VOLUME_OPERATIONS.contains(&route.operation.as_str())
+        || NO_ACK_SOURCES.contains(&route.source.as_str())
+        || route.operation == "applicationResponse"
+        || route.operation == operation::ERROR
+        || (route.operation == operation::RESPONSE
+            && msg.content_text().as_deref() == Some(crate::message::CONTENT_OK))
+        || route.group == group::USER
+        || (from_edgecontroller && resource_type == "node" && route.operation != operation::UPDATE)
+        || (from_edgecontroller && NO_ACK_EDGECONTROLLER_TYPES.contains(&resource_type))
+        || (from_edgecontroller
+            && resource_type == "pod"
+            && route.operation == operation::RESPONSE);
+    if no_ack {
+        CloudQueue::NoAck
+    } else if msg.needs_ack() {
+        CloudQueue::Ack
+    } else {
+        CloudQueue::Drop("ack-queue message without resourceversion and not a delete")
+    }
+}
+
+/// True when the cloud waits for an ACK of `msg` ([`cloud_queue`] is `Ack`).
+pub fn cloud_waits_for_ack(msg: &Message) -> bool {
+    cloud_queue(msg) == CloudQueue::Ack
+}
+
 /// Requests waiting for the cloud's response, keyed by the request's `msg_id`. A waiter removes its
 /// own entry when it gives up, so no timer is left behind per request.
 #[derive(Debug, Default)]
@@ -216,6 +299,17 @@ impl Router {
     /// Routes one message from the cloud. Blocks only while a module inbox is full, and returns
     /// `Err(Stopped)` if `stop` fires (or is dropped) during that wait.
     pub fn dispatch(&self, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
+        // A reply whose request still waits goes to it, whatever its group: ref EdgeHub's rule
+        // (protocol §3.5 step 1) for the answers HEAD hands to a group, such as devicecontroller's
+        // group-`twin` "OK" to an `edge_updated` request. Unparented or unawaited: the table.
+        let msg = if msg.is_response() && !msg.is_control() {
+            match self.pending.deliver(msg) {
+                Ok(()) => return Ok(()),
+                Err(msg) => *msg,
+            }
+        } else {
+            msg
+        };
         match destination(&msg) {
             Destination::Control => {
                 log::debug!("answering control operation {msg:?}");
@@ -223,20 +317,18 @@ impl Router {
                 self.outbox.push_urgent(msg.control_ack());
                 Ok(())
             }
-            Destination::Response => match self.pending.deliver(msg) {
-                Ok(()) => Ok(()),
-                Err(msg)
-                    if msg.route.operation != operation::RESPONSE
-                        && matches!(msg.route.group.as_str(), group::RESOURCE | group::FUNC) =>
-                {
-                    // A request that happens to carry a parent is still a request (§8 W11).
-                    self.deliver(bus_group::META, *msg, stop)
-                }
-                Err(msg) => {
-                    self.orphan(*msg);
-                    Ok(())
-                }
-            },
+            // Nobody waits for it (that was tried above).
+            Destination::Response
+                if msg.route.operation != operation::RESPONSE
+                    && matches!(msg.route.group.as_str(), group::RESOURCE | group::FUNC) =>
+            {
+                // A request that happens to carry a parent is still a request (§8 W11).
+                self.deliver(bus_group::META, msg, stop)
+            }
+            Destination::Response => {
+                self.orphan(msg);
+                Ok(())
+            }
             Destination::Module(bus) if msg.needs_ack() => {
                 match self.redeliveries.check(&msg.header.id) {
                     Seen::New => self.deliver(bus, msg, stop),
@@ -270,14 +362,17 @@ impl Router {
     }
 
     /// A response nobody waits for. If it travelled in the cloud's ACK queue it is still ACKed,
-    /// or CloudHub would re-send it every 5 s forever (protocol §8 W9).
+    /// once per arrival, or CloudHub would re-send it every 5 s forever (protocol §8 W9). A no-ack
+    /// reply (edgecontroller's "OK" to each node status update, say) is consumed without an ACK
+    /// (edge-node §4 item 7): see [`cloud_queue`].
     fn orphan(&self, msg: Message) {
         Status::bump(&self.status.orphan_responses);
-        if msg.needs_ack() {
+        if cloud_waits_for_ack(&msg) {
             log::info!("acking response nobody waits for (requester gone): {msg:?}");
+            Status::bump(&self.status.acks_sent);
             self.outbox.push_urgent(msg.ack());
         } else {
-            log::info!("dropping response nobody waits for: {msg:?}");
+            log::debug!("consuming no-ack response nobody waits for: {msg:?}");
         }
     }
 
@@ -376,6 +471,48 @@ mod tests {
         for (msg, want) in cases {
             assert_eq!(destination(&msg), want, "{msg:?}");
         }
+    }
+
+    /// Every reply shape `cloud_queue` knows, as the controllers send them (issue 16).
+    #[test]
+    fn reply_shapes_follow_the_clouds_queues() {
+        use CloudQueue::*;
+        let reply = |source: &str, group: &str, op: &str, resource: &str, rv: &str, text: &str| {
+            let mut msg = m(group, source, op, "req-1");
+            msg.route.resource = resource.into();
+            msg.header.resource_version = rv.into();
+            msg.content = crate::message::text_content(text);
+            msg
+        };
+        let ec = "edgecontroller";
+        let cases = [
+            // status update answered "OK" with the new resourceversion (edge-node §1.5)
+            (reply(ec, "resource", "response", "default/node/n1", "42", "OK"), NoAck),
+            // registration answered "OK" or with the error text, no resourceversion
+            (reply(ec, "resource", "response", "default/node/n1", "", "OK"), NoAck),
+            (
+                reply(ec, "resource", "response", "default/node/n1", "", "create node n1 error"),
+                NoAck,
+            ),
+            // devicecontroller's answer to edge_updated
+            (reply("devicecontroller", "twin", "response", "twin", "", "OK"), NoAck),
+            // servicebus / eventbus answers
+            (reply("router_servicebus", "user", "response", "80:/x", "7", "{}"), NoAck),
+            // HEAD ObjectResp answers and errors
+            (reply(ec, "resource", "response", "kube-node-lease/lease/n1", "9", "{}"), NoAck),
+            (reply(ec, "resource", "response", "null/nodepatch/n1", "9", "{}"), NoAck),
+            (reply(ec, "resource", "response", "default/pod/p", "9", "{}"), NoAck),
+            (reply(ec, "resource", "error", "default/configmap/c", "", "not found"), NoAck),
+            // a query's answer with the object: ack queue (W9)
+            (reply(ec, "resource", "response", "default/configmap/c", "4711", "{}"), Ack),
+            // HEAD's node object after each change: ack queue
+            (reply(ec, "resource", "update", "null/node/n1", "43", "{}"), Ack),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(cloud_queue(&msg), want, "{msg:?}");
+        }
+        let no_version = reply("someone", "resource", "response", "default/configmap/c", "", "{}");
+        assert!(matches!(cloud_queue(&no_version), Drop(_)));
     }
 
     #[test]

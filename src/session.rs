@@ -131,6 +131,7 @@ impl Supervisor {
                     log::info!("connected to {} (session {sessions})", link.peer());
                     self.status.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                     Status::stamp(&self.status.connected_since);
+                    self.status.set_link_local_ip(link.local_ip());
                     self.status.dial_attempts.store(0, std::sync::atomic::Ordering::Relaxed);
                     last_dial_error.clear();
                     let reason = if self.router.broadcast_connection(true, &stop).is_err() {

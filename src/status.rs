@@ -46,11 +46,22 @@ pub struct Status {
     pub redeliveries: AtomicU32,
     /// Control operations (`config`/`ping`/`pong`) answered.
     pub control_answered: AtomicU32,
+    /// Local IP address of the current (or last) link's socket, for the node's `InternalIP`.
+    link_local_ip: std::sync::Mutex<Option<std::net::IpAddr>>,
 }
 
 impl Status {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_link_local_ip(&self, ip: Option<std::net::IpAddr>) {
+        *self.link_local_ip.lock().unwrap_or_else(|p| p.into_inner()) = ip;
+    }
+
+    /// The local IP address of the current (or last) link's socket, once one was up.
+    pub fn link_local_ip(&self) -> Option<std::net::IpAddr> {
+        *self.link_local_ip.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn bump(counter: &AtomicU32) {

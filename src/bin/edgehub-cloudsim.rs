@@ -29,7 +29,9 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:10000";
 /// Prints a `listening` line, then every event, as JSON lines on stdout; reads commands from
 /// stdin, one per line:
 /// `push <node> <message json>`, `push-file <node> <file of JSON lines>`,
-/// `push-raw <node> <text>`, `cut <node>`, `quit`.
+/// `push-raw <node> <text>`, `cut <node>`, `node <node>` (print the Node object),
+/// `delete-node <node>`, `bind-pod <node> <pod json>`, `delete-pod <node> <namespace> <name>`,
+/// `quit`.
 struct Args {
     /// address to listen on (default 127.0.0.1:10000)
     #[argh(option)]
@@ -83,6 +85,9 @@ struct Args {
     /// log simulator internals to stderr
     #[argh(switch, short = 'v')]
     verbose: bool,
+    /// send each node its own Node object after every change, as a HEAD cloud does
+    #[argh(switch)]
+    head_node_updates: bool,
     #[argh(subcommand)]
     command: Option<Command>,
 }
@@ -326,6 +331,7 @@ fn sim_config(args: &Args) -> Result<SimConfig, Failure> {
     }
     cfg.ack_window = args.ack_window;
     cfg.load = args.send_rate.map(|rate| LoadConfig::new(rate, args.send_size, args.send_class));
+    cfg.head_node_updates = args.head_node_updates;
     Ok(cfg)
 }
 
@@ -434,8 +440,39 @@ fn run_command(sim: &CloudSim, line: &str) -> Result<Flow, String> {
             }
             sim.push_raw(node, text.as_bytes().to_vec(), false);
         }
+        "node" | "delete-node" => {
+            let (node, extra) = split_word(rest);
+            if node.is_empty() || !extra.is_empty() {
+                return Err(format!("usage: {verb} <node>"));
+            }
+            if verb == "node" {
+                sim.show_node(node);
+            } else {
+                sim.delete_node(node);
+            }
+        }
+        "bind-pod" => {
+            let (node, json) = split_word(rest);
+            let pod: serde_json::Value =
+                serde_json::from_str(json).map_err(|e| format!("bind-pod: pod json: {e}"))?;
+            if node.is_empty() || pod.pointer("/metadata/name").is_none() {
+                return Err("usage: bind-pod <node> <pod json with metadata.name>".to_owned());
+            }
+            sim.bind_pod(node, pod);
+        }
+        "delete-pod" => {
+            let (node, rest) = split_word(rest);
+            let (namespace, name) = split_word(rest);
+            if node.is_empty() || namespace.is_empty() || name.is_empty() {
+                return Err("usage: delete-pod <node> <namespace> <name>".to_owned());
+            }
+            sim.delete_pod(node, namespace, name);
+        }
         other => {
-            return Err(format!("unknown command {other:?} (push, push-file, push-raw, cut, quit)"))
+            return Err(format!(
+                "unknown command {other:?} (push, push-file, push-raw, cut, node, delete-node, \
+                 bind-pod, delete-pod, quit)"
+            ))
         }
     }
     Ok(Flow::Continue)

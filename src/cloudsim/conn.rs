@@ -382,9 +382,15 @@ impl Session<'_> {
         // Load mode answers bench requests at once, like a control operation.
         let control_reply = control_reply.or_else(|| self.shared.cfg.load.as_ref()?.answer(&msg));
         let parent_id = msg.header.parent_id.clone();
+        // Only edged's messages concern it: no copy of keepalives, ACKs or bench traffic.
+        let for_edgecontroller =
+            (self.shared.cfg.edgecontroller && msg.route.source == "edged").then(|| msg.clone());
         self.shared.emit(SimEvent::Received { node: self.node.clone(), msg, at: Instant::now() });
         if acked {
             self.shared.emit(SimEvent::Ack { node: self.node.clone(), parent_id });
+        }
+        if let Some(msg) = for_edgecontroller {
+            self.shared.edgecontroller(&self.node, &msg);
         }
         if let Some(reply) = control_reply {
             // viaduct answers config/ping/pong operations itself (protocol §2.8). A failed write

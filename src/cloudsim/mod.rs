@@ -11,6 +11,7 @@
 
 pub mod certserver;
 mod conn;
+pub mod edgecontroller;
 pub mod load;
 pub mod pki;
 mod queues;
@@ -86,6 +87,12 @@ pub struct SimConfig {
     /// Load mode for benchmarks (`load`): generate downstream bench messages, answer bench
     /// requests, read in 1 ms slices. Default `None`.
     pub load: Option<LoadConfig>,
+    /// Run the edgecontroller side of the node lifecycle (`edgecontroller`): answer
+    /// registrations and status updates and hold the Node objects. Default true.
+    pub edgecontroller: bool,
+    /// Also send each node its own Node object (`update` of `null/node/<n>`, ack queue) after
+    /// every change, as a HEAD cloud does (edge-node §1.6). Default false (REF).
+    pub head_node_updates: bool,
 }
 
 impl SimConfig {
@@ -104,6 +111,8 @@ impl SimConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_BYTES,
             ack_window: DEFAULT_ACK_WINDOW,
             load: None,
+            edgecontroller: true,
+            head_node_updates: false,
         }
     }
 
@@ -130,6 +139,8 @@ impl fmt::Debug for SimConfig {
             .field("max_message_size", &self.max_message_size)
             .field("ack_window", &self.ack_window)
             .field("load", &self.load)
+            .field("edgecontroller", &self.edgecontroller)
+            .field("head_node_updates", &self.head_node_updates)
             .finish_non_exhaustive()
     }
 }
@@ -180,6 +191,11 @@ pub enum SimEvent {
     Dropped { node: String, msg_id: String, reason: String },
     /// A WebSocket ping frame arrived (it is answered with a pong).
     Ping { node: String },
+    /// The Node object as the cloud now holds it (`edgecontroller`): `action` is `created`,
+    /// `status`, `labels`, `deleted` or `shown` (asked for).
+    NodeObject { node: String, action: String, object: serde_json::Value },
+    /// A pod bound to a node changed on the cloud side: `bound`, `deleting`, `status`, `deleted`.
+    Pod { node: String, action: String, object: serde_json::Value },
 }
 
 /// The running simulator. Dropping it stops it, like [`CloudSim::stop`].
@@ -212,6 +228,8 @@ struct Shared {
     conns: Mutex<HashMap<u64, Arc<ConnCtl>>>,
     /// Connection threads not yet joined.
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Node objects and bound pods, when `SimConfig::edgecontroller` is set.
+    edgecontroller: Mutex<edgecontroller::EdgeController>,
 }
 
 /// One node: its queues, which outlive connections, and its current connection.
@@ -230,6 +248,52 @@ impl Shared {
 
     fn nodes(&self) -> MutexGuard<'_, HashMap<String, Node>> {
         lock(&self.nodes)
+    }
+
+    /// Queues `msg` for `node` by CloudHub's rules (see [`CloudSim::push`]).
+    fn push(&self, node: &str, mut msg: Message) {
+        let internal_prefix = format!("node/{node}/");
+        if let Some(rest) = msg.route.resource.strip_prefix(&internal_prefix) {
+            msg.route.resource = rest.to_owned();
+        }
+        match queues::classify(&msg) {
+            Class::NoAck => {
+                self.nodes()
+                    .entry(node.to_owned())
+                    .or_default()
+                    .queues
+                    .push_no_ack(Downstream::message(&msg));
+            }
+            Class::Ack => {
+                self.nodes().entry(node.to_owned()).or_default().queues.push_ack(msg);
+            }
+            Class::Drop(reason) => self.emit(SimEvent::Dropped {
+                node: node.to_owned(),
+                msg_id: msg.header.id.clone(),
+                reason: reason.to_owned(),
+            }),
+        }
+    }
+
+    /// The edgecontroller's part in an upstream message of `node` (called after `Received`).
+    fn edgecontroller(&self, node: &str, msg: &Message) {
+        if !self.cfg.edgecontroller {
+            return;
+        }
+        let outcome = lock(&self.edgecontroller).on_upstream(node, msg);
+        self.apply(node, outcome);
+    }
+
+    fn apply(&self, node: &str, outcome: edgecontroller::Outcome) {
+        for msg in outcome.send {
+            self.push(node, msg);
+        }
+        for (action, object) in outcome.node_changes {
+            self.emit(SimEvent::NodeObject { node: node.to_owned(), action, object });
+        }
+        for (action, object) in outcome.pod_changes {
+            self.emit(SimEvent::Pod { node: node.to_owned(), action, object });
+        }
     }
 }
 
@@ -253,6 +317,7 @@ impl CloudSim {
             .local_addr()
             .map_err(|e| ErrorKind::Io.msg("read simulator listen address").src(e))?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let cfg_head_node_updates = cfg.head_node_updates;
         let shared = Arc::new(Shared {
             cfg,
             acceptor,
@@ -263,6 +328,7 @@ impl CloudSim {
             nodes: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
+            edgecontroller: Mutex::new(edgecontroller::EdgeController::new(cfg_head_node_updates)),
         });
         let accept_shared = Arc::clone(&shared);
         let accept_thread = thread::Builder::new()
@@ -290,29 +356,86 @@ impl CloudSim {
     /// the rest are dropped with a [`SimEvent::Dropped`]. A resource in the cloud-internal form
     /// `node/<node>/…` is trimmed to the wire form first, as CloudHub does. Messages for a node
     /// that is not connected wait for it.
-    pub fn push(&self, node: &str, mut msg: Message) {
-        let internal_prefix = format!("node/{node}/");
-        if let Some(rest) = msg.route.resource.strip_prefix(&internal_prefix) {
-            msg.route.resource = rest.to_owned();
-        }
-        match queues::classify(&msg) {
-            Class::NoAck => {
-                self.shared
-                    .nodes()
-                    .entry(node.to_owned())
-                    .or_default()
-                    .queues
-                    .push_no_ack(Downstream::message(&msg));
-            }
-            Class::Ack => {
-                self.shared.nodes().entry(node.to_owned()).or_default().queues.push_ack(msg);
-            }
-            Class::Drop(reason) => self.shared.emit(SimEvent::Dropped {
+    pub fn push(&self, node: &str, msg: Message) {
+        self.shared.push(node, msg);
+    }
+
+    /// The Node object `node` as the simulated cloud holds it (edgecontroller), if any.
+    pub fn node_object(&self, node: &str) -> Option<serde_json::Value> {
+        lock(&self.shared.edgecontroller).node(node)
+    }
+
+    /// Reports the Node object as a [`SimEvent::NodeObject`] with action `shown` (`null` when
+    /// the cloud holds none).
+    pub fn show_node(&self, node: &str) {
+        let object = self.node_object(node).unwrap_or(serde_json::Value::Null);
+        self.shared.emit(SimEvent::NodeObject {
+            node: node.to_owned(),
+            action: "shown".to_owned(),
+            object,
+        });
+    }
+
+    /// An admin deletes the Node (edge-node §1.7): the object goes, and CloudHub closes the
+    /// node's socket (the delete itself is never written to the edge).
+    pub fn delete_node(&self, node: &str) {
+        let object = {
+            let mut ec = lock(&self.shared.edgecontroller);
+            let object = ec.node(node);
+            ec.delete_node(node);
+            object
+        };
+        if let Some(object) = object {
+            self.shared.emit(SimEvent::NodeObject {
                 node: node.to_owned(),
-                msg_id: msg.header.id.clone(),
-                reason: reason.to_owned(),
-            }),
+                action: "deleted".to_owned(),
+                object,
+            });
         }
+        let conn = self.shared.nodes().get(node).and_then(|n| n.conn.clone());
+        if let Some(conn) = conn {
+            conn.close("node deleted");
+        }
+    }
+
+    /// Removes the Node object without closing the socket (a deletion whose socket close was
+    /// missed): the node's status updates then draw no answer.
+    pub fn forget_node(&self, node: &str) {
+        lock(&self.shared.edgecontroller).delete_node(node);
+    }
+
+    /// Answers the next `count` registrations of `node` with an error text instead of "OK".
+    pub fn refuse_registrations(&self, node: &str, count: u32) {
+        lock(&self.shared.edgecontroller).refuse_registrations(node, count);
+    }
+
+    /// Binds `pod` (a v1.Pod; `metadata.name` needed) to `node` and sends it, as syncPod does.
+    pub fn bind_pod(&self, node: &str, pod: serde_json::Value) {
+        let insert = lock(&self.shared.edgecontroller).bind_pod(node, pod);
+        self.shared.emit(SimEvent::Pod {
+            node: node.to_owned(),
+            action: "bound".to_owned(),
+            object: serde_json::from_str(insert.content.get()).unwrap_or_default(),
+        });
+        self.shared.push(node, insert);
+    }
+
+    /// Starts deleting a pod bound to `node` (sets `deletionTimestamp` and sends the update).
+    pub fn delete_pod(&self, node: &str, namespace: &str, name: &str) {
+        let update = lock(&self.shared.edgecontroller).start_pod_deletion(node, namespace, name);
+        if let Some(update) = update {
+            self.shared.emit(SimEvent::Pod {
+                node: node.to_owned(),
+                action: "deleting".to_owned(),
+                object: serde_json::from_str(update.content.get()).unwrap_or_default(),
+            });
+            self.shared.push(node, update);
+        }
+    }
+
+    /// A pod bound to `node` as the cloud holds it; `None` once deleted.
+    pub fn pod(&self, node: &str, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        lock(&self.shared.edgecontroller).pod(node, namespace, name)
     }
 
     /// Queues `frame` to be written as one WebSocket message, never fragmented, text or binary,

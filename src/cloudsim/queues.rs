@@ -4,62 +4,17 @@
 //! timing. The connection thread in `conn` asks it what to write next and tells it about ACKs and
 //! new connections.
 
-use crate::message::{group, operation, Message};
+use crate::message::Message;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Resource substrings that put a message in the no-ack queue (ref `isListResource`; HEAD adds
-/// `k8s/ca.crt`).
-const NO_ACK_RESOURCE_PARTS: [&str; 5] =
-    ["podlist", "membership", "twin/cloud_updated", "serviceaccounttoken", "k8s/ca.crt"];
-/// CSI volume operations, also no-ack at ref.
-const VOLUME_OPERATIONS: [&str; 4] =
-    ["createvolume", "deletevolume", "controllerpublishvolume", "controllerunpublishvolume"];
-/// Sources whose messages are never acked (HEAD `noAckRequired`).
-const NO_ACK_SOURCES: [&str; 2] = ["taskmanager", "nodeupgradejobcontroller"];
-/// Resource types of edgecontroller messages that are never acked (HEAD `noAckRequired`).
-const NO_ACK_EDGECONTROLLER_TYPES: [&str; 5] =
-    ["lease", "nodepatch", "podpatch", "podstatus", "certificatesigningrequest"];
+/// Where CloudHub puts a downstream message: the edge's own reading of the cloud's rules, so both
+/// ends follow one function (`router::cloud_queue`, with the rules beside it).
+pub use crate::router::CloudQueue as Class;
 
-/// Where CloudHub puts a downstream message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Class {
-    /// Sent once, in order, never retried.
-    NoAck,
-    /// Sent one at a time per node and re-sent until the edge ACKs it.
-    Ack,
-    /// Neither: CloudHub drops it. Carries the reason.
-    Drop(&'static str),
-}
-
-/// Classifies a downstream message the way CloudHub does: ref's `isListResource` together with
-/// HEAD's `noAckRequired` additions (protocol §4.4), so that whatever either version would
-/// deliver, the simulator delivers. `resource` is the wire form `ns/type/name`, so its type is
-/// the second segment.
+/// Classifies a downstream message the way CloudHub does (protocol §4.4).
 pub fn classify(msg: &Message) -> Class {
-    let route = &msg.route;
-    let resource_type = route.resource.split('/').nth(1).unwrap_or("");
-    let from_edgecontroller = route.source == "edgecontroller";
-    let no_ack = NO_ACK_RESOURCE_PARTS.iter().any(|part| route.resource.contains(part))
-        || VOLUME_OPERATIONS.contains(&route.operation.as_str())
-        || NO_ACK_SOURCES.contains(&route.source.as_str())
-        || route.operation == "applicationResponse"
-        || route.operation == operation::ERROR
-        || (route.operation == operation::RESPONSE
-            && msg.content_text().as_deref() == Some(crate::message::CONTENT_OK))
-        || route.group == group::USER
-        || (from_edgecontroller && resource_type == "node" && route.operation != operation::UPDATE)
-        || (from_edgecontroller && NO_ACK_EDGECONTROLLER_TYPES.contains(&resource_type))
-        || (from_edgecontroller
-            && resource_type == "pod"
-            && route.operation == operation::RESPONSE);
-    if no_ack {
-        Class::NoAck
-    } else if msg.needs_ack() {
-        Class::Ack
-    } else {
-        Class::Drop("ack-queue message without resourceversion and not a delete")
-    }
+    crate::router::cloud_queue(msg)
 }
 
 /// One downstream WebSocket message waiting to be written.

@@ -519,6 +519,30 @@ impl MetaHandle {
         self.counters.snapshot()
     }
 
+    /// Every stored object of type `kind` in any namespace (the `node` module's view of the pods
+    /// bound to this node), at most `limit` of them. Unreadable entries are skipped and logged.
+    pub fn list(&self, kind: &str, limit: usize) -> Vec<StoredObject> {
+        let mut found = Vec::new();
+        let Ok(namespaces) = fs::read_dir(&self.root) else { return found };
+        for namespace in namespaces.flatten() {
+            let Ok(files) = fs::read_dir(namespace.path().join(kind)) else { continue };
+            let namespace = namespace.file_name().to_string_lossy().into_owned();
+            for file in files.flatten() {
+                let file_name = file.file_name().to_string_lossy().into_owned();
+                let Some(name) = file_name.strip_suffix(FILE_SUFFIX) else { continue };
+                if found.len() >= limit {
+                    return found;
+                }
+                match self.read(&format!("{namespace}/{kind}/{name}")) {
+                    Ok(Some(object)) => found.push(object),
+                    Ok(None) => {} // removed meanwhile
+                    Err(e) => log::warn!("meta: list {kind}: {e}"),
+                }
+            }
+        }
+        found
+    }
+
     /// Sends the query from the caller's thread and has the store thread store and ACK the
     /// answer. `Err(Protocol)` when the cloud answered with an error; any other error means no
     /// answer (timeout, queue full, link down).

@@ -5,6 +5,7 @@
 
 pub mod local_api;
 pub mod meta_store;
+pub mod node;
 pub mod node_status;
 
 use crate::error::{ErrorKind, Result};
@@ -50,10 +51,11 @@ impl Hub {
 
     /// The ACK contract of protocol §4.5 in one call: "I have applied this message". Queues the
     /// response CloudHub waits for if the message came through its ACK queue (it carries a
-    /// resourceversion, or is a delete), and returns whether one was queued. Call it only after
-    /// the change is durable: an ACK tells the cloud never to send this version again.
+    /// resourceversion, or is a delete, and no no-ack rule of [`crate::router::cloud_queue`]
+    /// covers it), and returns whether one was queued. Call it only after the change is durable:
+    /// an ACK tells the cloud never to send this version again.
     pub fn ack(&self, msg: &Message) -> bool {
-        if !msg.needs_ack() {
+        if !crate::router::cloud_waits_for_ack(msg) {
             return false;
         }
         Status::bump(&self.status.acks_sent);
@@ -93,6 +95,24 @@ impl Hub {
         }
     }
 
+    /// Sends `msg` as a request without waiting: the response (the message whose
+    /// `parent_msg_id` is `msg`'s ID) arrives on the returned handle's receiver. Dropping the
+    /// handle gives the request up; a later response is then an orphan.
+    ///
+    /// # Errors
+    /// `Full` when too many requests wait or the outbox is full.
+    pub fn request_async(&self, msg: Message) -> Result<PendingReply> {
+        let id = msg.header.id.clone();
+        let Some(rx) = self.pending.register(&id) else {
+            return Err(ErrorKind::Full.msg("too many requests waiting for the cloud"));
+        };
+        if let Err(rejected) = self.outbox.push(msg) {
+            self.pending.cancel(&id);
+            return Err(ErrorKind::Full.msg(rejected.to_string()));
+        }
+        Ok(PendingReply { id, rx, pending: self.pending.clone() })
+    }
+
     /// The agent's counters and link state.
     pub fn status(&self) -> &Status {
         &self.status
@@ -111,6 +131,32 @@ impl Hub {
     /// Messages waiting to go up.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+}
+
+/// A request in flight, from [`Hub::request_async`]. Its waiter is removed when dropped.
+#[derive(Debug)]
+pub struct PendingReply {
+    id: String,
+    rx: Receiver<Message>,
+    pending: Arc<Pending>,
+}
+
+impl PendingReply {
+    /// The request's `msg_id`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where the response arrives (once), for `select!`.
+    pub fn receiver(&self) -> &Receiver<Message> {
+        &self.rx
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.pending.cancel(&self.id);
     }
 }
 

@@ -3,7 +3,9 @@
 //! `edged`/`meta` `update` of `default/nodestatus/<node>`. It reports at once when the link comes
 //! up, then every interval while connected. It owns reading the host facts (/proc, /etc, with a
 //! fallback for every file) and the RFC 3339 clock text; it keeps no history and never uses the
-//! link directly, only [`Hub::send`].
+//! link directly, only [`Hub::send`]. `edgehub run` uses the `node` module instead, which
+//! registers the node first and builds its reports from the host facts read here; this module's
+//! own reporter (status only, no registration) stays for embedders and tests.
 
 use crate::message::{Message, Route, CLOUD_CONNECTED, CONNECTION_RESOURCE};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
