@@ -489,6 +489,125 @@ fn openwrt_start_service_registers_a_respawning_foreground_instance() {
     assert!(stderr(&out).contains("heartbeat"), "{}", text(&out));
 }
 
+// ---- `edgehub run`: a join that fails at boot is retried by the agent itself -------------------
+
+/// The process and its stderr file; killed if a failed assertion leaves it running.
+struct RunningAgent {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl RunningAgent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn run_retries_a_failed_join_at_start_until_the_cloud_answers_without_a_restart() {
+    use edgehub::cloudsim::{CertServer, CertServerConfig};
+    let _w = watchdog(Duration::from_secs(90));
+    let cloud = Cloud::start();
+    let work = TempDir::new("boot-join");
+    // The certificate server's address, with nothing listening on it yet: WAN down at boot.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut certs_cfg = CertServerConfig::from_pki(&cloud.pki);
+    certs_cfg.listen = addr;
+    let token_source = CertServer::start(CertServerConfig::from_pki(&cloud.pki)).unwrap();
+    let token = token_source.token().unwrap(); // same CA and key, so valid on the later server
+    drop(token_source);
+    let config_path = work.path().join("config.json");
+    let config = json!({
+        "nodeName": NODE,
+        "websocket": {"server": cloud.sim.addr().to_string()},
+        "heartbeat": 1,
+        "httpServer": format!("https://{addr}"),
+        "token": token,
+        "tlsCaFile": work.path().join("ca/rootCA.crt"),
+        "tlsCertFile": work.path().join("certs/edge.crt"),
+        "tlsPrivateKeyFile": work.path().join("certs/edge.key"),
+        "stateDir": work.path().join("state"),
+        "localApiSocket": work.path().join("eh.sock"),
+        // The backoff's ceiling, short here so the test does not wait the default minute: the
+        // first attempts fail as for the first ~40 s of a boot, in less than a second each.
+        "joinRetryMax": 0.2,
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let log = work.path().join("stderr.log");
+    let child = Command::new(EDGEHUB)
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut agent = RunningAgent { child, log };
+
+    wait_until("three failed join attempts", || agent.log().contains("join attempt 3 failed"));
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running:\n{}", agent.log());
+    let certs = CertServer::start(certs_cfg).unwrap();
+    cloud.wait_connected();
+    assert!(agent.child.try_wait().unwrap().is_none(), "the same process:\n{}", agent.log());
+    assert!(agent.log().contains("joined as"), "{}", agent.log());
+    drop(certs);
+
+    let pid = agent.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
+#[test]
+fn run_stopped_while_a_join_is_pending_exits_cleanly() {
+    let _w = watchdog(Duration::from_secs(60));
+    let work = TempDir::new("boot-join-stop");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cloud = Cloud::start();
+    let token = {
+        let source = edgehub::cloudsim::CertServer::start(
+            edgehub::cloudsim::CertServerConfig::from_pki(&cloud.pki),
+        )
+        .unwrap();
+        source.token().unwrap()
+    };
+    let config_path = work.path().join("config.json");
+    let config = json!({
+        "nodeName": NODE,
+        "websocket": {"server": "127.0.0.1:1"},
+        "httpServer": format!("https://{addr}"),
+        "token": token,
+        "tlsCaFile": work.path().join("ca.crt"),
+        "tlsCertFile": work.path().join("edge.crt"),
+        "tlsPrivateKeyFile": work.path().join("edge.key"),
+        "stateDir": work.path().join("state"),
+        "localApiSocket": work.path().join("eh.sock"),
+        "joinRetryMax": 30,
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let log = work.path().join("stderr.log");
+    let child = Command::new(EDGEHUB)
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut agent = RunningAgent { child, log };
+    wait_until("a failed join attempt", || agent.log().contains("join attempt 1 failed"));
+    let pid = agent.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(agent.log().contains("the join had not succeeded yet"), "{}", agent.log());
+}
+
 // ---- static checks ---------------------------------------------------------------------------
 
 #[test]
