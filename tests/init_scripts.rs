@@ -717,6 +717,108 @@ fn openwrt_start_registers_a_jailed_unprivileged_instance_that_procd_always_resp
     assert!(!wrt.conf().exists());
 }
 
+// ---- OpenWrt package Makefile, against stand-ins of the SDK's include files -------------------
+
+/// `make TARGET` in cross/openwrt/edgehub with TOPDIR at the SDK stand-in (tests/openwrt/sdk).
+fn openwrt_make(args: &[&str], path_prefix: Option<&Path>) -> Output {
+    let make = required_tool("make");
+    let mut cmd = Command::new(make);
+    cmd.current_dir(format!("{ROOT}/cross/openwrt/edgehub"))
+        .arg("-s")
+        .arg(format!("TOPDIR={ROOT}/tests/openwrt/sdk"))
+        .args(args);
+    if let Some(dir) = path_prefix {
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", dir.display()));
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn openwrt_makefile_metadata_build_variables_and_install_layout() {
+    // The package is a feed root's edgehub/ directory, so it is package/feeds/<feed>/edgehub.
+    assert!(Path::new(&format!("{ROOT}/cross/openwrt/edgehub/Makefile")).is_file());
+
+    let out = openwrt_make(&["info"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let info = stdout(&out);
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{info}"))
+            .to_owned()
+    };
+    assert_eq!(field("PKG_SOURCE_PROTO"), "git");
+    assert!(!field("PKG_MIRROR_HASH").is_empty());
+    assert_eq!(field("PKG_LICENSE"), "Apache-2.0");
+    let license = field("PKG_LICENSE_FILES");
+    let license_text = std::fs::read_to_string(format!("{ROOT}/{license}")).unwrap();
+    assert!(license_text.contains("Apache License") && license_text.contains("Version 2.0"));
+    let maintainer = field("PKG_MAINTAINER");
+    let (name, email) = maintainer.split_once(" <").unwrap_or_else(|| panic!("{maintainer}"));
+    assert!(!name.is_empty() && email.ends_with('>') && email.contains('@'), "{maintainer}");
+    assert_eq!(field("PKG_BUILD_DEPENDS"), "rust/host");
+    assert!(field("DEPENDS").starts_with("@(") && field("DEPENDS").ends_with(" +libopenssl"));
+    assert_eq!(field("USERID"), "edgehub=368:edgehub=368");
+    assert_eq!(field("CONFFILES"), "/etc/config/edgehub");
+
+    // The compile step, run with a cargo that records what it was given: the environment as the
+    // shell leaves it (the package's own settings come after rust-values.mk's and win).
+    let stub = TempDir::new("openwrt-cargo");
+    let record = stub.path().join("cargo.txt");
+    std::fs::write(
+        stub.path().join("cargo"),
+        format!("#!/bin/sh\n{{ echo \"args: $*\"; env; }} >'{}'\n", record.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(stub.path().join("cargo"), std::fs::Permissions::from_mode(0o755))
+        .unwrap();
+    let out = openwrt_make(&["compile"], Some(stub.path()));
+    assert!(out.status.success(), "{}", text(&out));
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    for line in [
+        "CARGO_PROFILE_RELEASE_PANIC=abort",
+        "OPENSSL_NO_VENDOR=1",
+        &format!(
+            "OPENSSL_INCLUDE_DIR={ROOT}/tests/openwrt/sdk/staging_dir/target-test/usr/include"
+        ),
+        &format!("OPENSSL_LIB_DIR={ROOT}/tests/openwrt/sdk/staging_dir/target-test/usr/lib"),
+        "PKG_CONFIG_ALLOW_CROSS=1",
+    ] {
+        assert!(recorded.lines().any(|l| l == line), "{line} not in:\n{recorded}");
+    }
+    let args = recorded.lines().next().unwrap();
+    assert!(args.starts_with("args: install "), "{args}");
+    assert!(args.contains(" --locked") && args.ends_with(" --bin edgehub"), "{args}");
+
+    // The install step into a package root.
+    let root = TempDir::new("openwrt-ipkg");
+    let built = root.path().join("build/bin");
+    std::fs::create_dir_all(&built).unwrap();
+    std::fs::write(built.join("edgehub"), "binary").unwrap();
+    let dest = root.path().join("ipkg");
+    let out = openwrt_make(
+        &[
+            "install",
+            &format!("DESTDIR={}", dest.display()),
+            &format!("PKG_INSTALL_DIR={}", root.path().join("build").display()),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mode = |p: &str| std::fs::metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("usr/bin/edgehub"), 0o755);
+    assert_eq!(mode("etc/init.d/edgehub"), 0o755);
+    assert_eq!(mode("etc/config/edgehub"), 0o600, "the UCI file can hold the token");
+    assert_eq!(
+        std::fs::read_to_string(dest.join("lib/upgrade/keep.d/edgehub")).unwrap(),
+        "/etc/edgehub/ca/\n/etc/edgehub/certs/\n",
+        "the certificates from a join survive a sysupgrade"
+    );
+    let shipped = std::fs::read(format!("{ROOT}/{OPENWRT_INIT}")).unwrap();
+    assert_eq!(std::fs::read(dest.join("etc/init.d/edgehub")).unwrap(), shipped);
+}
+
 // ---- `edgehub run`: a join that fails at boot is retried by the agent itself -------------------
 
 /// The process and its stderr file; killed if a failed assertion leaves it running.
