@@ -104,54 +104,87 @@ fn emulated(test: &str) -> bool {
 struct SysV {
     bb: Busybox,
     dir: TempDir,
-    defaults: PathBuf,
+    script: PathBuf,
     pidfile: PathBuf,
+    agent_pidfile: PathBuf,
     log: PathBuf,
 }
 
 impl SysV {
-    /// The script's settings in an /etc/default-style file, as an operator would write them.
-    fn new(config: &Path) -> SysV {
+    /// The script with its fixed paths (/etc/default, /var/run, /usr/bin, /bin/sh) moved into a
+    /// test folder, the binary under test and busybox's sh; its settings in the defaults file, as
+    /// an operator would write them, plus `extra` lines.
+    fn new(config: &Path, extra: &str) -> SysV {
+        let bb = Busybox::new();
         let dir = TempDir::new("sysv");
-        let (defaults, pidfile, log) = (
-            dir.path().join("default"),
-            dir.path().join("edgehub.pid"),
-            dir.path().join("edgehub.log"),
-        );
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("run")).unwrap();
+        let log = d.join("edgehub.log");
         std::fs::write(
-            &defaults,
+            d.join("default"),
             format!(
-                "DAEMON='{EDGEHUB}'\nCONFIG='{}'\nPIDFILE='{}'\nLOG='{}'\nSTOP_TIMEOUT=10\n",
+                "CONFIG='{}'\nLOG='{}'\nSTOP_TIMEOUT=10\nRESPAWN_DELAY=1\n{extra}",
                 config.display(),
-                pidfile.display(),
                 log.display()
             ),
         )
         .unwrap();
-        SysV { bb: Busybox::new(), dir, defaults, pidfile, log }
+        let bin_dir = Path::new(EDGEHUB).parent().unwrap();
+        let original = std::fs::read_to_string(format!("{ROOT}/cross/busybox/S95edgehub")).unwrap();
+        for fixed in ["/etc/default/$DAEMON", "/var/run/$DAEMON", "/usr/bin/$DAEMON", "-x /bin/sh"]
+        {
+            assert!(original.contains(fixed), "{fixed}");
+        }
+        let script_text = original
+            .replace("/etc/default/$DAEMON", path_str(&d.join("default")))
+            .replace("/var/run/$DAEMON", &format!("{}/$DAEMON", d.join("run").display()))
+            .replace("/usr/bin/$DAEMON", &format!("{}/$DAEMON", bin_dir.display()))
+            .replace("-x /bin/sh", &format!("-x {}/bin/sh", bb.dir.path().display()));
+        let script = d.join("S95edgehub");
+        std::fs::write(&script, script_text).unwrap();
+        let (pidfile, agent_pidfile) = (d.join("run/edgehub.pid"), d.join("run/edgehub.agent.pid"));
+        SysV { bb, dir, script, pidfile, agent_pidfile, log }
     }
 
     fn run(&self, action: &str) -> Output {
-        let script = format!("{ROOT}/cross/busybox/S95edgehub");
-        self.bb.sh(&[&script, action], &[("EDGEHUB_DEFAULTS", path_str(&self.defaults))])
+        self.bb.sh(&[path_str(&self.script), action], &[])
     }
 
+    /// The supervisor's pid (the pid file).
     fn pid(&self) -> u32 {
         let text = std::fs::read_to_string(&self.pidfile).unwrap();
         text.trim().parse().unwrap_or_else(|_| panic!("pid file holds {text:?}"))
     }
+
+    /// The agent's pid, as the supervisor records it.
+    fn agent(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.agent_pidfile).ok().and_then(|t| t.trim().parse().ok())
+    }
+
+    fn log(&self) -> String {
+        let old = std::fs::read_to_string(self.log.with_extension("log.1")).unwrap_or_default();
+        old + &std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Drop for SysV {
-    /// A failed assertion must not leave an agent running.
+    /// A failed assertion must not leave an agent or a supervisor running.
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            let pid = pid.trim();
-            if !pid.is_empty() && agent_pids(self.dir.path()).iter().any(|p| p.to_string() == pid) {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
+        let supervisor = std::fs::read_to_string(&self.pidfile).unwrap_or_default();
+        let supervisor = supervisor.trim();
+        if !supervisor.is_empty() && supervisor != std::process::id().to_string() {
+            let _ = Command::new("kill").args(["-9", supervisor]).status();
+        }
+        if let Some(agent) = self.agent() {
+            let _ = Command::new("kill").args(["-9", &agent.to_string()]).status();
         }
     }
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Live `edgehub` processes whose command line mentions `needle` (a test's own folder).
@@ -200,9 +233,9 @@ fn busybox_init_script_runs_the_agent_through_start_status_reload_restart_and_st
     config.local_api_socket = work.path().join("eh.sock");
     let config_path = work.path().join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    let sysv = SysV::new(&config_path);
+    let sysv = SysV::new(&config_path, "");
 
-    // A pid file left by a power cut, naming a live process that is not edgehub (this test).
+    // A pid file left by a power cut, naming a live process that is not ours (this test).
     std::fs::write(&sysv.pidfile, format!("{}\n", std::process::id())).unwrap();
     let out = sysv.run("status");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -210,46 +243,52 @@ fn busybox_init_script_runs_the_agent_through_start_status_reload_restart_and_st
 
     let out = sysv.run("start");
     assert!(out.status.success(), "{}", text(&out));
-    let pid = sysv.pid();
-    assert_ne!(pid, std::process::id(), "the stale pid file was replaced");
-    assert!(stdout(&out).contains(&format!("OK (pid {pid})")), "{}", text(&out));
+    let supervisor = sysv.pid();
+    assert_ne!(supervisor, std::process::id(), "the stale pid file was replaced");
+    let agent = sysv.agent().unwrap();
+    assert!(
+        stdout(&out).contains(&format!("OK (pid {supervisor}, agent {agent})")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(parent_of(agent), Some(supervisor));
     cloud.wait_connected();
-    assert_eq!(agent_pids(work.path()), vec![pid]);
+    assert_eq!(agent_pids(work.path()), vec![agent]);
 
     let out = sysv.run("status");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(stdout(&out).contains(&format!("edgehub is running (pid {pid})")), "{}", text(&out));
+    let running = format!("edgehub is running (pid {supervisor}, agent {agent})");
+    assert!(stdout(&out).contains(&running), "{}", text(&out));
 
     let out = sysv.run("start");
     assert_eq!(out.status.code(), Some(1), "a second start is refused: {}", text(&out));
     assert!(stderr(&out).contains("already running"), "{}", text(&out));
-    assert_eq!(sysv.pid(), pid, "the pid file still names the running agent");
-    assert_eq!(agent_pids(work.path()), vec![pid], "still exactly one agent");
+    assert_eq!(sysv.pid(), supervisor, "the pid file still names the running supervisor");
+    assert_eq!(agent_pids(work.path()), vec![agent], "still exactly one agent");
 
-    // reload: SIGHUP to the same process, which re-reads the file and says what it applied.
+    // reload: SIGHUP, passed on to the same agent, which re-reads the file.
     let mut changed = config.clone();
     changed.log_level = edgehub::config::LogLevel::Debug;
     std::fs::write(&config_path, serde_json::to_string_pretty(&changed).unwrap()).unwrap();
     let out = sysv.run("reload");
     assert!(out.status.success(), "{}", text(&out));
-    wait_until("the agent logs the reload", || {
-        std::fs::read_to_string(&sysv.log).unwrap_or_default().contains("reloaded")
-    });
-    assert_eq!(agent_pids(work.path()), vec![pid], "reload keeps the process");
+    wait_until("the agent logs the reload", || sysv.log().contains("reloaded"));
+    assert_eq!(agent_pids(work.path()), vec![agent], "reload keeps the process");
 
     let out = sysv.run("restart");
     assert!(out.status.success(), "{}", text(&out));
     wait_disconnected(&cloud);
     cloud.wait_connected();
-    let restarted = sysv.pid();
-    assert!(is_gone(pid), "the first agent ended before the second started");
+    let restarted = sysv.agent().unwrap();
+    assert!(is_gone(agent) && is_gone(supervisor), "the first ended before the second started");
     assert_eq!(agent_pids(work.path()), vec![restarted]);
 
+    let second_supervisor = sysv.pid();
     let out = sysv.run("stop");
     assert!(out.status.success(), "{}", text(&out));
     assert!(stdout(&out).contains("OK"), "{}", text(&out));
-    assert!(is_gone(restarted), "stop returns only once the agent is gone");
-    assert!(!sysv.pidfile.exists(), "no stale pid file after stop");
+    assert!(is_gone(restarted) && is_gone(second_supervisor), "stop returns once both are gone");
+    assert!(!sysv.pidfile.exists() && !sysv.agent_pidfile.exists(), "no stale pid file");
     assert!(agent_pids(work.path()).is_empty());
     wait_disconnected(&cloud);
 
@@ -259,7 +298,7 @@ fn busybox_init_script_runs_the_agent_through_start_status_reload_restart_and_st
     assert!(out.status.success(), "stopping a stopped agent is not an error: {}", text(&out));
     assert!(stdout(&out).contains("not running"), "{}", text(&out));
 
-    let log = std::fs::read_to_string(&sysv.log).unwrap();
+    let log = sysv.log();
     assert!(log.contains("connected to"), "the agent's output reaches the log file:\n{log}");
     assert!(log.contains("applied logLevel"), "{log}");
     assert_eq!(
@@ -267,6 +306,92 @@ fn busybox_init_script_runs_the_agent_through_start_status_reload_restart_and_st
         2,
         "both agents stopped cleanly on SIGTERM:\n{log}"
     );
+    assert!(!log.contains("starting it again"), "no respawn on a requested stop:\n{log}");
+}
+
+#[test]
+fn busybox_init_script_respawns_a_dead_agent_and_keeps_its_log_bounded() {
+    if emulated("busybox_init_script_respawns_a_dead_agent_and_keeps_its_log_bounded") {
+        return;
+    }
+    let _w = watchdog(Duration::from_secs(90));
+    let cloud = Cloud::start();
+    let work = TempDir::new("sysv-respawn");
+    let mut config = cloud.config();
+    config.local_api_socket = work.path().join("eh.sock");
+    let config_path = work.path().join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    // 1 KiB log files, and trace output (every frame) to fill them.
+    let sysv = SysV::new(&config_path, "LOG_MAX_KB=1\nEDGEHUB_ARGS='-v -v'\n");
+
+    let out = sysv.run("start");
+    assert!(out.status.success(), "{}", text(&out));
+    let supervisor = sysv.pid();
+    let agent = sysv.agent().unwrap();
+    cloud.wait_connected();
+
+    // A crash: the supervisor starts the agent again, and stays the service's process.
+    assert!(Command::new("kill").args(["-KILL", &agent.to_string()]).status().unwrap().success());
+    wait_disconnected(&cloud);
+    cloud.wait_connected();
+    let again = sysv.agent().unwrap();
+    assert_ne!(again, agent);
+    assert_eq!(parent_of(again), Some(supervisor));
+    assert_eq!(sysv.pid(), supervisor);
+    let out = sysv.run("status");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // The log is rotated at 1 KiB: two files, each at most the limit plus one line.
+    let old = sysv.log.with_extension("log.1");
+    wait_until("the log is rotated", || old.exists());
+    let bound = 1024 + 4096;
+    for _ in 0..3 {
+        let (now, before) = (std::fs::metadata(&sysv.log), std::fs::metadata(&old));
+        assert!(now.map_or(0, |m| m.len()) <= bound, "{}", sysv.log.display());
+        assert!(before.unwrap().len() <= bound);
+        std::thread::sleep(Duration::from_millis(300)); // let it write more; check again
+    }
+
+    let out = sysv.run("stop");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(is_gone(again) && is_gone(supervisor));
+}
+
+#[test]
+fn busybox_init_script_reports_an_agent_that_dies_right_after_start() {
+    if emulated("busybox_init_script_reports_an_agent_that_dies_right_after_start") {
+        return;
+    }
+    let _w = watchdog(Duration::from_secs(60));
+    let work = TempDir::new("sysv-dies");
+    // Passes check-config, but `run` exits at once: the certificate has expired and there is no
+    // token to join again with.
+    let pki = Pki::generate(NODE).unwrap();
+    let (cert, key) = pki.issue_client(NODE, -10, -1).unwrap();
+    let d = work.path();
+    std::fs::write(d.join("ca.crt"), &pki.ca_cert_pem).unwrap();
+    std::fs::write(d.join("edge.crt"), cert).unwrap();
+    std::fs::write(d.join("edge.key"), key).unwrap();
+    let config_path = d.join("config.json");
+    let config = json!({
+        "nodeName": NODE,
+        "websocket": {"server": "127.0.0.1:1"},
+        "tlsCaFile": d.join("ca.crt"),
+        "tlsCertFile": d.join("edge.crt"),
+        "tlsPrivateKeyFile": d.join("edge.key"),
+        "stateDir": d.join("state"),
+        "localApiSocket": d.join("eh.sock"),
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let check = Command::new(EDGEHUB).arg("check-config").arg("-c").arg(&config_path).output();
+    let check = check.unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    let sysv = SysV::new(&config_path, "");
+    let out = sysv.run("start");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(stdout(&out).contains("FAIL (edgehub exited right after start"), "{}", text(&out));
+    let out = sysv.run("stop");
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 #[test]
@@ -276,7 +401,7 @@ fn busybox_init_script_refuses_a_bad_configuration_at_start() {
     let config_path = work.path().join("config.json");
     std::fs::write(&config_path, r#"{"heartbeat": 40, "websocket": {"server": "127.0.0.1:1"}}"#)
         .unwrap();
-    let sysv = SysV::new(&config_path);
+    let sysv = SysV::new(&config_path, "");
 
     let out = sysv.run("start");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
