@@ -589,7 +589,8 @@ fn openwrt_shipped_uci_defaults_are_the_router_defaults() {
     let out = wrt.rc("edgehub_json");
     assert!(out.status.success(), "{}", text(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["stateDir"], json!("/var/lib/edgehub"), "state in RAM (tmpfs), not on flash");
+    assert_eq!(json["stateDir"], json!("/etc/edgehub/state"), "resources survive a power cut");
+    assert_eq!(json["outboxSpool"], json!(false), "the upstream queue in RAM: no flash writes");
     assert_eq!(json["logTarget"], json!("syslog"));
     assert_eq!(json["outboxMaxBytes"], json!(1048576));
     assert_eq!(json["outboxMaxMessages"], json!(1000));
@@ -937,8 +938,8 @@ fn openwrt_makefile_metadata_build_variables_and_install_layout() {
     assert_eq!(mode("etc/config/edgehub"), 0o600, "the UCI file can hold the token");
     assert_eq!(
         std::fs::read_to_string(dest.join("lib/upgrade/keep.d/edgehub")).unwrap(),
-        "/etc/edgehub/ca/\n/etc/edgehub/certs/\n",
-        "the certificates from a join survive a sysupgrade"
+        "/etc/edgehub/ca/\n/etc/edgehub/certs/\n/etc/edgehub/state/\n",
+        "the certificates from a join, and the resources, survive a sysupgrade"
     );
     let shipped = std::fs::read(format!("{ROOT}/{OPENWRT_INIT}")).unwrap();
     assert_eq!(std::fs::read(dest.join("etc/init.d/edgehub")).unwrap(), shipped);
