@@ -103,7 +103,8 @@ fn emulated(test: &str) -> bool {
 
 struct SysV {
     bb: Busybox,
-    dir: TempDir,
+    /// Removed with the test's files when the test ends.
+    _dir: TempDir,
     script: PathBuf,
     pidfile: PathBuf,
     agent_pidfile: PathBuf,
@@ -143,7 +144,7 @@ impl SysV {
         let script = d.join("S95edgehub");
         std::fs::write(&script, script_text).unwrap();
         let (pidfile, agent_pidfile) = (d.join("run/edgehub.pid"), d.join("run/edgehub.agent.pid"));
-        SysV { bb, dir, script, pidfile, agent_pidfile, log }
+        SysV { bb, _dir: dir, script, pidfile, agent_pidfile, log }
     }
 
     fn run(&self, action: &str) -> Output {
