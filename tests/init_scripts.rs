@@ -807,6 +807,7 @@ fn openwrt_start_registers_a_jailed_unprivileged_instance_that_procd_always_resp
     assert_eq!(instance["respawn"], json!(["3600", "5", "0"]), "0: procd never gives up");
     assert_eq!(instance["user"], json!(uid));
     assert_eq!(instance["group"], json!(uid));
+    assert_eq!(instance["no_new_privs"], json!(true));
     assert_eq!(instance["file"], json!([conf]));
     assert_eq!(instance["term_timeout"], json!(20));
     assert_eq!((&instance["stdout"], &instance["stderr"]), (&json!(true), &json!(true)));
