@@ -814,6 +814,7 @@ fn openwrt_start_registers_a_jailed_unprivileged_instance_that_procd_always_resp
     let jail = &instance["jail"];
     assert_eq!(jail["name"], json!("edgehub"));
     assert_eq!(jail["log"], json!(true));
+    assert_eq!(jail["procfs"], json!(true), "the node status reads /proc");
     let mount = jail["mount"].as_object().unwrap();
     assert_eq!(mount[&conf], json!("0"), "{jail}");
     for rw in [
