@@ -1,11 +1,11 @@
-//! The init scripts in `cross/` run the way a gateway runs them. The busybox/SysV script
-//! (`cross/busybox/S95edgehub`) runs under `busybox sh` with busybox's applets first on PATH
-//! (its start-stop-daemon, not dpkg's), driving the real `edgehub` binary against the simulator.
-//! The OpenWrt procd script's UCI-to-JSON step and `start_service` run under `busybox sh` with
-//! OpenWrt's `config_*` and `procd_*` functions stubbed, and the JSON it writes must pass
-//! `edgehub check-config`. The systemd unit passes `systemd-analyze verify`, and every shell
-//! script in `cross/` and `scripts/cross-*.sh` passes shellcheck.
-//! Needs busybox and shellcheck (scripts/setup.sh installs them).
+//! The init integrations in `cross/` run the way a gateway runs them, against the real `edgehub`
+//! binary and the simulator. The busybox/SysV script runs under `busybox sh` with busybox's applets
+//! first on PATH (start, status, reload, restart, stop, respawn, a bounded log). The OpenWrt procd
+//! script runs through stand-ins of rc.common, functions.sh, procd.sh and jshn.sh
+//! (`tests/openwrt/`), with the test playing procd on the message it sends; the package Makefile
+//! runs against stand-ins of the SDK's include files. `edgehub run` retries a join that fails at
+//! start. The systemd unit passes `systemd-analyze verify`, and every shell script passes
+//! shellcheck. Needs busybox, shellcheck and make (scripts/setup.sh installs them).
 #![cfg(feature = "cloudsim")]
 
 mod support;
@@ -83,15 +83,15 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Under qemu-user (scripts/cross-test.sh) the agent's /proc/PID/exe and cmdline name the
-/// emulator, so start-stop-daemon -x cannot recognise it; the script is the same shell on every
+/// Under qemu-user (scripts/cross-test.sh) the agent's /proc/PID/cmdline names the emulator, so
+/// these tests cannot find the agent's process; the script is the same shell on every
 /// architecture and runs in the host suite.
 fn emulated(test: &str) -> bool {
     match std::env::var("EDGEHUB_CROSS_TARGET") {
         Ok(target) => {
             eprintln!(
-                "SKIPPED {test}: {target} runs under qemu-user, where start-stop-daemon -x cannot \
-                 match the agent; this test runs in the host suite"
+                "SKIPPED {test}: {target} runs under qemu-user, where /proc names the emulator, \
+                 not the agent; this test runs in the host suite"
             );
             true
         }
