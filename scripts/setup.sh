@@ -13,6 +13,8 @@ command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 # The systemd unit is checked with systemd-analyze.
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# The OpenWrt package Makefile is run with make against stand-ins of the SDK's include files.
+command -v make >/dev/null 2>&1 || need_apt+=(make)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -387,8 +387,13 @@ fn run_command(a: RunArgs) -> Result<i32> {
     logging::init(config.log_target, verbose.unwrap_or(config.log_level.to_filter()));
     let signals =
         signals::listen().map_err(|e| ErrorKind::Io.msg("start the signal thread").src(e))?;
-    // An expired, foreign or missing certificate: join with the token, or say one is needed.
-    certs::ensure(&config)?;
+    // An expired, foreign or missing certificate: join with the token (retried until the cloud
+    // answers, or a stop signal), or say one is needed.
+    if let certs::boot_join::BootJoin::Stopped =
+        certs::boot_join::ensure_retrying(&config, &signals)?
+    {
+        return Ok(0);
+    }
     let modules = builtin_modules(&config)?;
     let mut agent = Agent::start(config, modules)?;
     loop {

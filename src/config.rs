@@ -47,6 +47,8 @@ pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
 pub const MAX_LOCAL_API_SOCKET_BYTES: usize = 99;
 pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_SPOOL_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between two join attempts at start (join retry at boot).
+pub const DEFAULT_JOIN_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Resource substrings of status-like messages where only the latest unsent one matters.
 pub const DEFAULT_COALESCE: [&str; 3] = ["/nodestatus/", "/podstatus", "/twin/edge_updated"];
 /// CloudHub closes a node that sent no keepalive for this long (protocol §4.3).
@@ -237,6 +239,11 @@ pub struct Config {
     /// Extra node labels (merged over the KubeEdge ones) and annotations.
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+
+    // ---- join retry at start ----
+    /// A join at start that fails (cloud unreachable, WAN not up yet) is tried again after 2 s,
+    /// doubling up to this, until it succeeds or the agent is stopped.
+    pub join_retry_max: Seconds,
 }
 
 /// A node taint, as `v1.Taint` writes it.
@@ -305,6 +312,7 @@ impl Default for Config {
             taints: default_taints(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            join_retry_max: Seconds(DEFAULT_JOIN_RETRY_MAX),
         }
     }
 }
@@ -393,6 +401,9 @@ impl Config {
                     CLOUD_KEEPALIVE_TIMEOUT.as_secs()
                 ),
             );
+        }
+        if self.join_retry_max.0 < Duration::from_millis(10) {
+            return bad("joinRetryMax", "must be at least 0.01 s".into());
         }
         if self.message_qps == 0 {
             return bad("messageQPS", "0 would block every upstream message forever".into());

@@ -28,6 +28,7 @@
 //! supervisor also takes while it reads the files for a dial, so a dial never reads half of a
 //! switch. The token is never logged, and is not read at all while the certificate is usable.
 
+pub mod boot_join;
 pub mod http;
 pub mod store;
 
