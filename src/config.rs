@@ -34,6 +34,9 @@ pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
 pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
 pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 1024;
 pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
+/// Hardening (issue 11): a local client that neither subscribed nor sent a line for this long is
+/// disconnected, so idle connections cannot hold every client slot.
+pub const DEFAULT_LOCAL_API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest local API socket path: `sun_path` holds 107 bytes, and binding first at a temporary
 /// `<path>.<pid>` (then renaming) needs room for up to 8 more.
 pub const MAX_LOCAL_API_SOCKET_BYTES: usize = 99;
@@ -193,6 +196,10 @@ pub struct Config {
     pub local_client_queue: usize,
     /// Longest request line a local client may send; a longer one gets an error reply.
     pub local_api_max_line_bytes: usize,
+    // ---- hardening (issue 11) ----
+    /// A local client that has not subscribed and sent no line for this long is disconnected
+    /// (0: never), so idle connections cannot lock other clients out.
+    pub local_api_idle_timeout: Seconds,
 }
 
 impl Default for Config {
@@ -232,6 +239,7 @@ impl Default for Config {
             local_api_max_clients: DEFAULT_LOCAL_API_MAX_CLIENTS,
             local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
+            local_api_idle_timeout: Seconds(DEFAULT_LOCAL_API_IDLE_TIMEOUT),
         }
     }
 }

@@ -12,10 +12,10 @@ use std::path::Path;
 // architecture. glibc's `statvfs` has 32-bit block counters on 32-bit targets (a 16 TiB disk
 // would wrap), so there the 64-bit-counter variant is used; musl has only 64-bit counters.
 // (`statvfs` names both the struct and the function.)
-#[cfg(target_env = "gnu")]
-use libc::statvfs64 as statvfs;
 #[cfg(not(target_env = "gnu"))]
 use libc::statvfs;
+#[cfg(target_env = "gnu")]
+use libc::statvfs64 as statvfs;
 
 /// Bytes in the filesystem holding `path`, and bytes available to an unprivileged user.
 /// `None` if it cannot be asked.
@@ -59,10 +59,8 @@ mod tests {
     #[test]
     fn figures_match_stat_f() {
         let dir = std::env::temp_dir();
-        let Ok(out) = std::process::Command::new("stat")
-            .args(["-f", "-c", "%S %b %a"])
-            .arg(&dir)
-            .output()
+        let Ok(out) =
+            std::process::Command::new("stat").args(["-f", "-c", "%S %b %a"]).arg(&dir).output()
         else {
             return;
         };

@@ -148,9 +148,18 @@ impl LocalClient {
     fn call(&mut self, request: &Value) -> Result<Reply> {
         let mut line = request.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| ErrorKind::Io.msg(format!("write to {}", self.path.display())).src(e))?;
+        if let Err(e) = self.writer.write_all(line.as_bytes()) {
+            // An agent that refused the connection (all client slots taken) or let it go (idle)
+            // wrote why before closing: that says more than "Broken pipe".
+            if let Ok(Some(line)) = self.read_line() {
+                if let Ok(reply) = serde_json::from_str::<Reply>(&line) {
+                    if !reply.ok {
+                        return Err(self.failure(&reply));
+                    }
+                }
+            }
+            return Err(ErrorKind::Io.msg(format!("write to {}", self.path.display())).src(e));
+        }
         loop {
             let Some(line) = self.read_line()? else {
                 return Err(ErrorKind::Closed
@@ -165,18 +174,24 @@ impl LocalClient {
             if reply.ok {
                 return Ok(reply);
             }
-            let kind = match reply.kind.as_deref() {
-                Some(failure::TIMEOUT) => ErrorKind::Timeout,
-                Some(failure::FULL) => ErrorKind::Full,
-                Some(failure::BAD_REQUEST) => ErrorKind::Config,
-                _ => ErrorKind::Io,
-            };
-            return Err(kind.msg(format!(
-                "agent at {}: {}",
-                self.path.display(),
-                reply.error.as_deref().unwrap_or("failed")
-            )));
+            return Err(self.failure(&reply));
         }
+    }
+
+    /// The error an `ok:false` reply stands for.
+    fn failure(&self, reply: &Reply) -> crate::Error {
+        let kind = match reply.kind.as_deref() {
+            Some(failure::TIMEOUT) => ErrorKind::Timeout,
+            Some(failure::FULL) => ErrorKind::Full,
+            Some(failure::BAD_REQUEST) => ErrorKind::Config,
+            Some(failure::STOPPING) => ErrorKind::Stopped,
+            _ => ErrorKind::Io,
+        };
+        kind.msg(format!(
+            "agent at {}: {}",
+            self.path.display(),
+            reply.error.as_deref().unwrap_or("failed")
+        ))
     }
 
     fn read_line(&mut self) -> Result<Option<String>> {

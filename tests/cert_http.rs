@@ -58,13 +58,15 @@ fn hostile_server(pki: &Pki, head: &'static [u8], filler: Vec<u8>) -> (String, J
 }
 
 fn join_config(pki: &Pki, http_server: &str, dir: &TempDir) -> (edgehub::Config, Token) {
-    let mut config = edgehub::Config::default();
-    config.node_name = NODE.to_owned();
-    config.http_server = http_server.to_owned();
-    config.tls_ca_file = dir.path().join("ca/rootCA.crt");
-    config.tls_cert_file = dir.path().join("certs/edge.crt");
-    config.tls_private_key_file = dir.path().join("certs/edge.key");
-    config.state_dir = dir.path().join("state");
+    let mut config = edgehub::Config {
+        node_name: NODE.to_owned(),
+        http_server: http_server.to_owned(),
+        tls_ca_file: dir.path().join("ca/rootCA.crt"),
+        tls_cert_file: dir.path().join("certs/edge.crt"),
+        tls_private_key_file: dir.path().join("certs/edge.key"),
+        state_dir: dir.path().join("state"),
+        ..Default::default()
+    };
     let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64 + 3600;
     config.token = mint_token(&pki.ca_cert_pem, &pki.ca_key_pem, exp).unwrap();
     let token = Token::parse(&config.token).unwrap();
@@ -78,7 +80,8 @@ fn join_config(pki: &Pki, http_server: &str, dir: &TempDir) -> (edgehub::Config,
 fn a_chunk_size_near_usize_max_is_refused_before_anything_is_buffered() {
     let _watchdog = watchdog(Duration::from_secs(120));
     let pki = Pki::generate(NODE).unwrap();
-    let head: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nffffffffffffffff\r\n";
+    let head: &[u8] =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nffffffffffffffff\r\n";
     let (url, server) = hostile_server(&pki, head, vec![b'A'; 16 << 10]);
     let dir = TempDir::new("hostile-chunk");
     let (config, token) = join_config(&pki, &url, &dir);

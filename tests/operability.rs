@@ -296,3 +296,97 @@ fn sighup_changes_log_level_and_rate_without_a_reconnect() {
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// Issue 11, item 7: a local request with `timeoutMs` 120000 that the cloud never answers made
+/// the agent exit 119 s after SIGTERM. A stop cancels it at once, and the client is told why.
+#[test]
+fn sigterm_with_a_long_request_in_flight_stops_at_once_and_tells_the_client() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(&cloud, &cloud.sim.addr().to_string(), "");
+    daemon.start();
+    cloud.wait_connected();
+    let socket = daemon.socket();
+    let requester = std::thread::spawn(move || {
+        let mut client = LocalClient::connect(&socket).unwrap();
+        // The simulator records it and never answers.
+        let msg = numbered(7).encode();
+        let raw = serde_json::value::RawValue::from_string(msg.trim_end().to_owned()).unwrap();
+        client.request(&raw, Some(Duration::from_secs(120)))
+    });
+    wait_until("request in flight", || daemon.status_json()["requestsPending"] == 1);
+    let started = std::time::Instant::now();
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0), "{}", daemon.log_text());
+    eprintln!("stopped {:?} after SIGTERM with a 120 s request in flight", started.elapsed());
+    let err = requester.join().unwrap().unwrap_err();
+    assert_eq!(err.kind(), edgehub::ErrorKind::Stopped, "{err}");
+    assert!(err.to_string().contains("the agent is stopping"), "{err}");
+    assert!(daemon.log_text().contains("cancelled 1 request(s)"), "{}", daemon.log_text());
+}
+
+/// Issue 11, item 9: with every client slot held by idle connections, `edgehub status` printed
+/// `Broken pipe` and exited 1 (read by a watchdog as "not connected"). It now exits 3, saying
+/// the agent is busy; refusals are logged once per interval, not once per connection.
+#[test]
+fn status_says_busy_with_exit_3_when_every_client_slot_is_taken() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(
+        &cloud,
+        &cloud.sim.addr().to_string(),
+        r#", "localApiMaxClients": 2"#, // the default idle timeout (60 s) outlasts the test
+    );
+    daemon.start();
+    cloud.wait_connected();
+    // Two clients that say nothing more after one call (which proves each holds a slot).
+    let mut holders = vec![daemon.client(), daemon.client()];
+    for holder in &mut holders {
+        holder.status().unwrap();
+    }
+    for _ in 0..20 {
+        let out = daemon.status(false);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "stdout {} stderr {stderr}", text(&out));
+        assert!(stderr.contains("busy"), "{stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    }
+    drop(holders.pop());
+    wait_until("a slot frees up", || daemon.status(false).status.code() == Some(0));
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let log = daemon.log_text();
+    let refusal_lines = log.lines().filter(|l| l.contains("refused")).count();
+    assert!(refusal_lines <= 3, "20 refusals, {refusal_lines} lines:\n{log}");
+    assert!(log.contains("refused 1 client(s)"), "{log}");
+}
+
+/// Issue 11, item 9: an idle client (connected, not subscribed, sending nothing) is let go after
+/// `localApiIdleTimeout` with a reason, so it cannot hold a slot; a subscriber waiting for
+/// events is not idle.
+#[test]
+fn an_idle_client_is_disconnected_and_a_subscriber_is_not() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(
+        &cloud,
+        &cloud.sim.addr().to_string(),
+        r#", "localApiMaxClients": 2, "localApiIdleTimeout": 1"#,
+    );
+    daemon.start();
+    cloud.wait_connected();
+    let mut subscriber = daemon.client();
+    subscriber.subscribe(&["twin".to_owned()]).unwrap();
+    // The raw socket, to see exactly what the agent says before it closes.
+    let idle = std::os::unix::net::UnixStream::connect(daemon.socket()).unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut &idle, &mut said).unwrap(); // ends when the agent closes
+    assert!(said.contains(r#""kind":"timeout""#), "{said}");
+    assert!(said.contains("localApiIdleTimeout"), "{said}");
+    // The subscriber has been idle at least as long, and is still served.
+    assert_eq!(subscriber.status().unwrap()["connected"], true);
+    assert_eq!(daemon.status(false).status.code(), Some(0));
+    drop(subscriber);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

@@ -81,6 +81,12 @@ pub const MAX_GROUP_BYTES: usize = 64;
 pub const MAX_CLIENT_QUEUE_BYTES: usize = 4 << 20;
 /// A client whose socket accepts nothing for this long is cut off (it stopped reading).
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At stop, how long clients get to finish the command they are running (requests waiting for
+/// the cloud are cancelled first, so this is quick) and to be written their last replies, before
+/// their sockets are cut.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+/// At most one "refusing clients" line per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept()` (out of file descriptors, say) before trying again.
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Read buffers keep at most this much capacity between lines (a 1 MiB line is not kept).
@@ -99,6 +105,9 @@ pub struct Settings {
     pub max_line_bytes: usize,
     /// Used when a request or query gives no `timeoutMs`.
     pub request_timeout: Duration,
+    /// A client that has not subscribed and sent nothing for this long is disconnected
+    /// (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -109,6 +118,7 @@ impl Settings {
             client_queue: config.local_client_queue.max(1),
             max_line_bytes: config.local_api_max_line_bytes.max(1),
             request_timeout: config.request_timeout.0,
+            idle_timeout: Some(config.local_api_idle_timeout.0).filter(|t| !t.is_zero()),
         }
     }
 }
@@ -247,6 +257,7 @@ fn run(
         clients: clients.clone(),
         max_line_bytes: settings.max_line_bytes,
         request_timeout: settings.request_timeout,
+        idle_timeout: settings.idle_timeout,
     };
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let accept = std::thread::Builder::new()
@@ -410,10 +421,13 @@ struct Failure {
 pub mod failure {
     /// The line or command is malformed: fix the request.
     pub const BAD_REQUEST: &str = "bad_request";
-    /// The cloud did not answer in time.
+    /// The cloud did not answer in time, or the client sent nothing for `localApiIdleTimeout`
+    /// without having subscribed (it is then disconnected).
     pub const TIMEOUT: &str = "timeout";
     /// A bounded queue (the outbox, the pending requests) is full: try again later.
     pub const FULL: &str = "full";
+    /// The agent is stopping; the command was cancelled (try again once it runs again).
+    pub const STOPPING: &str = "stopping";
     /// Anything else (the store failed, the agent is too busy…).
     pub const FAILED: &str = "failed";
 }
@@ -428,6 +442,7 @@ impl Failure {
             ErrorKind::Config => failure::BAD_REQUEST,
             ErrorKind::Timeout => failure::TIMEOUT,
             ErrorKind::Full => failure::FULL,
+            ErrorKind::Stopped => failure::STOPPING,
             _ => failure::FAILED,
         };
         Failure { kind, error: format!("{what}: {e}") }
@@ -522,6 +537,7 @@ struct ClientShared {
     clients: Arc<Clients>,
     max_line_bytes: usize,
     request_timeout: Duration,
+    idle_timeout: Option<Duration>,
 }
 
 /// The table of connected clients. Its lock is held only for `try_send`s and bookkeeping, never
@@ -539,6 +555,10 @@ struct Table {
     /// The link state as of the last connection event fanned out (what a new subscriber is told).
     connected: bool,
     stopping: bool,
+    /// Clients refused since the last line that said so, and when that line was logged: a flood
+    /// of connections is logged once per [`REFUSAL_LOG_INTERVAL`], not once per connection.
+    refused_unlogged: u64,
+    refusal_logged: Option<std::time::Instant>,
 }
 
 struct Slot {
@@ -623,8 +643,19 @@ impl Clients {
             return;
         }
         if table.slots.len() >= self.max_clients {
+            table.refused_unlogged += 1;
+            let due = table.refusal_logged.map_or(true, |at| at.elapsed() >= REFUSAL_LOG_INTERVAL);
+            if due {
+                let refused = std::mem::take(&mut table.refused_unlogged);
+                table.refusal_logged = Some(std::time::Instant::now());
+                log::warn!(
+                    "local api: refused {refused} client(s): {} already connected \
+                     (localApiMaxClients); at most one such line per {}s",
+                    self.max_clients,
+                    REFUSAL_LOG_INTERVAL.as_secs()
+                );
+            }
             drop(table);
-            log::warn!("local api: refusing a client: {} already connected", self.max_clients);
             refuse(
                 stream,
                 &format!("too many local clients ({}); try again later", self.max_clients),
@@ -756,6 +787,11 @@ impl Clients {
         }
     }
 
+    /// Whether client `id` has subscribed (it then waits for events, and is never idle).
+    fn is_subscribed(&self, id: u64) -> bool {
+        self.lock().slots.iter().any(|s| s.id == id && !s.groups.is_empty())
+    }
+
     /// How many more groups client `id` may subscribe to.
     fn groups_left(&self, id: u64) -> usize {
         let table = self.lock();
@@ -771,11 +807,27 @@ impl Clients {
         }
     }
 
-    /// Refuses new clients, cuts every client and joins their threads.
+    /// Refuses new clients, cuts every client and joins their threads. First every client stops
+    /// being read and gets up to [`STOP_GRACE`] to finish its command and have its replies
+    /// written (a cancelled request's `stopping` error, say); then what is left is cut.
     fn close_all_and_join(&self) {
-        let threads: Vec<(u64, JoinHandle<()>)> = {
+        {
             let mut table = self.lock();
             table.stopping = true;
+            for slot in &table.slots {
+                // Wakes an idle reader (end of stream); a reader running a command finishes it.
+                let _ = slot.stream.shutdown(Shutdown::Read);
+            }
+        }
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        // Shutdown only: a short, bounded poll rather than a signal nobody else needs.
+        while std::time::Instant::now() < deadline
+            && self.lock().slots.iter().any(|s| s.thread.as_ref().is_some_and(|t| !t.is_finished()))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let threads: Vec<(u64, JoinHandle<()>)> = {
+            let mut table = self.lock();
             for slot in &mut table.slots {
                 slot.out_tx = None;
                 let _ = slot.stream.shutdown(Shutdown::Both);
@@ -787,7 +839,14 @@ impl Clients {
                 log::error!("bug: local api client {id} thread panicked");
             }
         }
-        self.lock().slots.clear();
+        let mut table = self.lock();
+        table.slots.clear();
+        if table.refused_unlogged > 0 {
+            log::warn!(
+                "local api: refused {} more client(s) since the last such line",
+                table.refused_unlogged
+            );
+        }
     }
 }
 
@@ -864,11 +923,31 @@ fn serve_client_connected(id: u64, stream: UnixStream, outgoing: Outgoing, share
 }
 
 fn read_loop(id: u64, stream: &UnixStream, shared: &ClientShared) {
+    if let Err(e) = stream.set_read_timeout(shared.idle_timeout) {
+        log::warn!("local api: client {id}: set idle timeout: {e}");
+    }
     let mut reader = BufReader::with_capacity(8 << 10, stream);
     let mut line = Vec::new();
     loop {
         let read = read_line(&mut reader, &mut line, shared.max_line_bytes);
         match read {
+            // Idle: a subscriber waits for events by design; anyone else holds a slot for nothing
+            // (or is sending a line too slowly), and is let go with a reason.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if line.is_empty() && shared.clients.is_subscribed(id) {
+                    continue;
+                }
+                let idle = shared.idle_timeout.unwrap_or_default();
+                log::debug!("local api: client {id} idle for {idle:?}; disconnecting it");
+                let error = format!(
+                    "no request for {:.1} s (localApiIdleTimeout); disconnecting",
+                    idle.as_secs_f64()
+                );
+                shared
+                    .clients
+                    .reply(id, error_line(None, Failure { kind: failure::TIMEOUT, error }));
+                return;
+            }
             Ok(Line::Eof) => return,
             Ok(Line::TooLong(len)) => shared.clients.reply(
                 id,
