@@ -22,7 +22,7 @@
 //!   Unix socket for apps and mappers) with its client `local_client`;
 //! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
 //! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
-//!   (counters), `logging`, `error`;
+//!   (counters), `logging`, `error`, `dirs` (private directories whose creation is durable);
 //! - system calls std lacks, the only `unsafe`: `poll` (readiness), `signals` (sigwait), `disk`
 //!   (statvfs).
 //!
@@ -35,6 +35,7 @@ pub mod agent;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod dirs;
 pub mod disk;
 pub mod error;
 pub mod link;

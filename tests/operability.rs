@@ -390,3 +390,49 @@ fn an_idle_client_is_disconnected_and_a_subscriber_is_not() {
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// Issue 11, item 10: with umask 022 `stateDir` and `stateDir/spool` were 0755 and segments 0644,
+/// readable by every local user while they hold every upstream message. They are 0700 and 0600
+/// whatever the umask.
+#[test]
+fn the_state_dir_and_spool_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let proxy = Proxy::start(cloud.sim.addr()).unwrap();
+    proxy.refuse_new(true); // messages stay in the spool
+    let mut daemon = Daemon::config(&cloud, &proxy.addr().to_string(), "");
+    let log = std::fs::File::create(daemon.log()).unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"umask 022; exec "$0" run --config "$1""#)
+        .arg(BIN)
+        .arg(&daemon.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    daemon.child = Some(child);
+    let socket = daemon.socket();
+    wait_until("local api socket", || LocalClient::connect(&socket).is_ok());
+    let mut client = daemon.client();
+    assert!(send_numbered(&mut client, 1));
+    let state = daemon.dir.path().join("state");
+    let spool = state.join("spool");
+    let segments = || -> Vec<PathBuf> {
+        std::fs::read_dir(&spool)
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    };
+    wait_until("a spool segment", || !segments().is_empty());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "stateDir");
+    assert_eq!(mode(&spool), 0o700, "spool");
+    for segment in segments() {
+        assert_eq!(mode(&segment), 0o600, "{}", segment.display());
+    }
+    drop(client);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

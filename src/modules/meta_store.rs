@@ -890,13 +890,11 @@ impl Store {
     /// Creates `root/<ns>/<type>`, making each new folder's entry in its parent durable too.
     fn make_dirs(&self, namespace: &str, kind: &str) -> Result<(), Failure> {
         if !self.root.is_dir() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(&self.root)
+            // `stateDir` itself may be new too: each new folder's entry is made durable.
+            let created = crate::dirs::create_durable(&self.root, DIR_MODE)
                 .map_err(|e| Failure::io("create", &self.root, &e))?;
-            if let Some(parent) = self.root.parent() {
-                self.sync_new_dir_parent(parent)?;
+            for _ in &created {
+                Counters::bump(&self.counters.dir_syncs);
             }
         }
         let ns_dir = self.root.join(namespace);
@@ -1323,9 +1321,9 @@ mod tests {
         let stats = store.stats();
         assert_eq!((stats.batches, stats.messages), (4, 1000));
         assert_eq!(stats.file_syncs, 1000);
-        // Creating meta/, default/ and configmap/ syncs each parent once; after that one sync of
-        // the configmap folder per batch.
-        assert_eq!(stats.dir_syncs, 3 + 4);
+        // Creating state/, meta/, default/ and configmap/ syncs each parent once; after that one
+        // sync of the configmap folder per batch.
+        assert_eq!(stats.dir_syncs, 4 + 4);
         let dir = scratch.0.join("state/meta/default/configmap");
         assert_eq!(stored_names(&dir).len(), 1000);
         assert_eq!(record(&dir.join("cm-999.json"))["content"], 999);
