@@ -282,7 +282,10 @@ impl Router {
             Destination::Unroutable(why @ UNKNOWN_GROUP)
                 if self.groups.contains_key(bus_group::OTHER) =>
             {
-                log::debug!("{why} {:?}: to the module for other groups", msg.route.group);
+                log::debug!(
+                    "{why} {:?}: to the module for other groups",
+                    crate::logging::shown(&msg.route.group)
+                );
                 self.deliver(bus_group::OTHER, msg, stop)
             }
             Destination::Unroutable(why) => {

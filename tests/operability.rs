@@ -436,3 +436,31 @@ fn the_state_dir_and_spool_are_private_whatever_the_umask() {
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// Issue 11, item 8: a `msg_id` holding `\n… [ERROR] FORGED` produced a separate forged ERROR
+/// line, and a 2 MB resource a 2 MB WARN line. Text from the cloud is escaped and cut in logs.
+#[test]
+fn text_from_the_cloud_cannot_forge_log_lines_or_make_huge_ones() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(&cloud, &cloud.sim.addr().to_string(), "");
+    daemon.start();
+    cloud.wait_connected();
+    let resource = "r".repeat(2 << 20);
+    // A user message not from the router: dropped with a WARN line naming the message.
+    let mut msg = cloud_msg("user", "someone", "publish", &resource, "");
+    msg.header.id = "x\n2026-11-28T00:00:00Z [ERROR] FORGED\r\u{1b}[2K".to_owned();
+    cloud.sim.push_raw(NODE, msg.encode().into_bytes(), false);
+    wait_until("the drop logged", || daemon.log_text().contains("dropping message from cloud"));
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let log = daemon.log_text();
+    for line in log.lines() {
+        assert!(line.len() < 4096, "a line of {} bytes: {}…", line.len(), &line[..200]);
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+        if line.contains("FORGED") {
+            assert!(line.contains("dropping message from cloud"), "forged line: {line}");
+        }
+    }
+    assert!(log.contains(&format!("…({} bytes)", resource.len())), "{log}");
+}

@@ -721,7 +721,10 @@ impl Clients {
         let line = event_line(group, msg);
         let delivered = self.publish(Some(group), &line);
         if delivered == 0 {
-            log::debug!("local api: no client subscribed to {group}; dropping {msg:?}");
+            log::debug!(
+                "local api: no client subscribed to {}; dropping {msg:?}",
+                crate::logging::shown(group)
+            );
         }
         if msg.needs_ack() {
             hub.release(msg);

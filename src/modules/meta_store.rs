@@ -17,6 +17,7 @@
 //! write and queries; it never touches the link.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::logging::shown as shown_text;
 use crate::message::{group, operation, Message, Route, CONNECTION_RESOURCE};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
 use crate::router::bus_group;
@@ -77,8 +78,6 @@ const TEMP_PREFIX: &str = ".meta-store.tmp.";
 /// Stored objects may be Secrets: only the agent's user may read them.
 const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
-/// Longest resource text written to the log (a hostile key can be megabytes long).
-const MAX_LOGGED_RESOURCE: usize = 200;
 
 /// Only in builds with the simulator (tests and benchmarks, never the device binary): when this
 /// variable is set, the store thread aborts the process right after a batch became durable and
@@ -151,7 +150,10 @@ fn take_batch(first: Message, inbox: &Receiver<Message>) -> Vec<Message> {
     let mut next = Some(first);
     while let Some(msg) = next.take() {
         if msg.route.resource == CONNECTION_RESOURCE {
-            log::debug!("meta: connection event {:?}", msg.content_text().unwrap_or_default());
+            log::debug!(
+                "meta: connection event {:?}",
+                shown_text(&msg.content_text().unwrap_or_default())
+            );
         } else {
             bytes += msg.encoded_len_hint();
             batch.push(msg);
@@ -212,8 +214,8 @@ fn log_outcome(msg: &Message, outcome: &Outcome) {
         Outcome::Ignored(why) => log::debug!("meta: ignoring {msg:?}: {why}"),
         Outcome::Refused(why) => log::warn!(
             "meta: refusing {} {} {}: {why}",
-            msg.route.group,
-            msg.route.operation,
+            shown_text(&msg.route.group),
+            shown_text(&msg.route.operation),
             shown(&msg.route.resource)
         ),
         // Not ACKed: the cloud sends it again, by which time the disk may have room.
@@ -715,7 +717,10 @@ impl Store {
     fn decide(&self, msg: &Message, plan: &mut Plan) -> (Outcome, Option<PathBuf>) {
         let route = &msg.route;
         if route.group != group::RESOURCE && route.group != group::FUNC {
-            return (Outcome::Refused(format!("group {:?} is not stored", route.group)), None);
+            return (
+                Outcome::Refused(format!("group {:?} is not stored", shown_text(&route.group))),
+                None,
+            );
         }
         let is_delete = match route.operation.as_str() {
             operation::INSERT | operation::UPDATE => false,
@@ -726,7 +731,10 @@ impl Store {
             }
             operation::DELETE => true,
             other => {
-                return (Outcome::Refused(format!("operation {other:?} is not handled")), None)
+                return (
+                    Outcome::Refused(format!("operation {:?} is not handled", shown_text(other))),
+                    None,
+                )
             }
         };
         let (namespace, kind, name) = match parse_key(&route.resource) {
@@ -736,7 +744,10 @@ impl Store {
         };
         let rv = msg.header.resource_version.as_str();
         if !rv.is_empty() && rv.parse::<u64>().is_err() {
-            log::warn!("meta: resourceversion {rv:?} is not a number; treating {msg:?} as newest");
+            log::warn!(
+                "meta: resourceversion {:?} is not a number; treating {msg:?} as newest",
+                shown_text(rv)
+            );
         }
         let path = self.root.join(namespace).join(kind).join(format!("{name}{FILE_SUFFIX}"));
         let current = match plan.staged_stamp(&path) {
@@ -986,14 +997,9 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
-/// The resource for a log line: quoted (so NULs and newlines show) and cut short.
+/// The resource for a log line or error: quoted, escaped and cut short (`logging::shown`).
 fn shown(resource: &str) -> String {
-    let mut end = resource.len().min(MAX_LOGGED_RESOURCE);
-    while !resource.is_char_boundary(end) {
-        end -= 1;
-    }
-    let cut = if end < resource.len() { "…" } else { "" };
-    format!("{:?}{cut}", &resource[..end])
+    format!("{:?}", shown_text(resource))
 }
 
 #[cfg(test)]
@@ -1236,9 +1242,9 @@ mod tests {
     #[test]
     fn long_resources_are_cut_in_logs() {
         assert_eq!(shown("default/pod/p"), "\"default/pod/p\"");
-        let long = "é".repeat(MAX_LOGGED_RESOURCE);
-        assert!(shown(&long).ends_with('…'));
-        assert!(shown(&long).len() < MAX_LOGGED_RESOURCE + 10);
+        let long = "é".repeat(crate::logging::MAX_SHOWN_CHARS + 1);
+        assert!(shown(&long).contains(&format!("…({} bytes)", long.len())));
+        assert!(shown(&long).chars().count() < crate::logging::MAX_SHOWN_CHARS + 20);
     }
 
     fn stored_names(dir: &Path) -> Vec<String> {
