@@ -344,7 +344,7 @@ fn status_says_busy_with_exit_3_when_every_client_slot_is_taken() {
     for holder in &mut holders {
         holder.status().unwrap();
     }
-    for _ in 0..20 {
+    for _ in 0..10 {
         let out = daemon.status(false);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "stdout {} stderr {stderr}", text(&out));
@@ -357,7 +357,9 @@ fn status_says_busy_with_exit_3_when_every_client_slot_is_taken() {
     assert_eq!(daemon.wait_exit(), Some(0));
     let log = daemon.log_text();
     let refusal_lines = log.lines().filter(|l| l.contains("refused")).count();
-    assert!(refusal_lines <= 3, "20 refusals, {refusal_lines} lines:\n{log}");
+    // One line per 10 s, and one at stop for the rest: 10 refusals make 2 lines unless the
+    // machine is so slow that they take over 10 s.
+    assert!(refusal_lines <= 3, "10 refusals, {refusal_lines} lines:\n{log}");
     assert!(log.contains("refused 1 client(s)"), "{log}");
 }
 
