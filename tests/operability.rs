@@ -164,7 +164,10 @@ fn status_answers_in_every_state_with_its_exit_code() {
     let status = daemon.status_json();
     assert_eq!(status["connected"], false);
     assert_eq!(status["outbox"]["messages"], 5);
-    assert!(status["dialAttempts"].as_u64().unwrap() >= 1);
+    // The first dial may still be in flight: waited for, not expected by now (issue 11).
+    wait_until("a failed dial counted", || {
+        daemon.status_json()["dialAttempts"].as_u64().is_some_and(|n| n >= 1)
+    });
     assert!(text(&daemon.status(false)).contains("outbox 5"));
 
     // Connected: exit 0, the backlog drains.
@@ -180,7 +183,9 @@ fn status_answers_in_every_state_with_its_exit_code() {
     let status = daemon.status_json();
     assert!(status["lastKeepaliveSent"].as_u64().is_some());
     assert!(status["lastFrameReceived"].as_u64().is_some());
-    assert_eq!(status["localClients"], 2, "the client above, and this status call");
+    // The client above and the asking status call; an earlier call's thread may still be
+    // finishing, so this is waited for (issue 11).
+    wait_until("two local clients", || daemon.status_json()["localClients"] == 2);
     drop(client);
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
@@ -339,11 +344,16 @@ fn status_says_busy_with_exit_3_when_every_client_slot_is_taken() {
     );
     daemon.start();
     cloud.wait_connected();
-    // Two clients that say nothing more after one call (which proves each holds a slot).
-    let mut holders = vec![daemon.client(), daemon.client()];
-    for holder in &mut holders {
-        holder.status().unwrap();
-    }
+    // Two clients that say nothing more after one call (which proves each holds a slot). The
+    // probe of `start` may hold a slot for a moment yet: a refused one is tried again.
+    let mut holders = Vec::new();
+    wait_until("two slots held", || {
+        let mut client = daemon.client();
+        if client.status().is_ok() {
+            holders.push(client);
+        }
+        holders.len() == 2
+    });
     for _ in 0..10 {
         let out = daemon.status(false);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -373,20 +383,26 @@ fn an_idle_client_is_disconnected_and_a_subscriber_is_not() {
     let mut daemon = Daemon::config(
         &cloud,
         &cloud.sim.addr().to_string(),
-        r#", "localApiMaxClients": 2, "localApiIdleTimeout": 1"#,
+        r#", "localApiMaxClients": 4, "localApiIdleTimeout": 1"#,
     );
     daemon.start();
     cloud.wait_connected();
     let mut subscriber = daemon.client();
     subscriber.subscribe(&["twin".to_owned()]).unwrap();
+    let mut quiet = daemon.client();
+    quiet.status().unwrap();
     // The raw socket, to see exactly what the agent says before it closes.
     let idle = std::os::unix::net::UnixStream::connect(daemon.socket()).unwrap();
     let mut said = String::new();
     std::io::Read::read_to_string(&mut &idle, &mut said).unwrap(); // ends when the agent closes
-    assert!(said.contains(r#""kind":"timeout""#), "{said}");
+    assert!(said.contains(r#""kind":"idle""#), "{said}");
     assert!(said.contains("localApiIdleTimeout"), "{said}");
     // The subscriber has been idle at least as long, and is still served.
     assert_eq!(subscriber.status().unwrap()["connected"], true);
+    // `quiet` was let go too (only the subscriber and the asking client remain); LocalClient
+    // reconnects and its next command is answered.
+    wait_until("quiet let go", || daemon.status_json()["localClients"] == 2);
+    assert_eq!(quiet.status().unwrap()["connected"], true);
     assert_eq!(daemon.status(false).status.code(), Some(0));
     drop(subscriber);
     daemon.signal("-TERM");

@@ -22,8 +22,15 @@
 //!
 //! Any failure is `{"ok":false,"error":"…","kind":"…"}` and the connection stays usable; `kind`
 //! is `bad_request` (not JSON, unknown op or field, a line over `localApiMaxLineBytes`…),
-//! `timeout` (the cloud did not answer), `full` (the outbox, or the agent's client slots) or
-//! `failed`.
+//! `timeout` (the cloud did not answer), `full` (the outbox, or the agent's client slots),
+//! `stopping` (the agent is stopping: a request waiting for the cloud is cancelled at once, and
+//! the reply is written before the connection closes) or `failed`.
+//!
+//! A client that has not subscribed and sends no line for `localApiIdleTimeout` (60 s) gets
+//! `{"ok":false,"kind":"idle",…}` (not a reply to anything) and is disconnected, so idle
+//! connections cannot hold every client slot; a client refused because all
+//! `localApiMaxClients` slots are taken gets a `full` error line. `LocalClient` reconnects by
+//! itself after an idle disconnect.
 //!
 //! Replies come in request order. Once subscribed, a client also gets pushed events, interleaved
 //! with replies: `{"event":"message","group":"twin","message":{…}}` for each cloud message routed
@@ -421,9 +428,11 @@ struct Failure {
 pub mod failure {
     /// The line or command is malformed: fix the request.
     pub const BAD_REQUEST: &str = "bad_request";
-    /// The cloud did not answer in time, or the client sent nothing for `localApiIdleTimeout`
-    /// without having subscribed (it is then disconnected).
+    /// The cloud did not answer in time.
     pub const TIMEOUT: &str = "timeout";
+    /// Not a reply: the client sent nothing for `localApiIdleTimeout` without having subscribed,
+    /// and is disconnected. Nothing it sends after this line is read; reconnect to go on.
+    pub const IDLE: &str = "idle";
     /// A bounded queue (the outbox, the pending requests) is full: try again later.
     pub const FULL: &str = "full";
     /// The agent is stopping; the command was cancelled (try again once it runs again).
@@ -946,9 +955,7 @@ fn read_loop(id: u64, stream: &UnixStream, shared: &ClientShared) {
                     "no request for {:.1} s (localApiIdleTimeout); disconnecting",
                     idle.as_secs_f64()
                 );
-                shared
-                    .clients
-                    .reply(id, error_line(None, Failure { kind: failure::TIMEOUT, error }));
+                shared.clients.reply(id, error_line(None, Failure { kind: failure::IDLE, error }));
                 return;
             }
             Ok(Line::Eof) => return,
