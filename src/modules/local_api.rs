@@ -654,9 +654,14 @@ impl Clients {
         if table.slots.len() >= self.max_clients {
             table.refused_unlogged += 1;
             let due = table.refusal_logged.map_or(true, |at| at.elapsed() >= REFUSAL_LOG_INTERVAL);
-            if due {
-                let refused = std::mem::take(&mut table.refused_unlogged);
+            let refused = if due {
                 table.refusal_logged = Some(std::time::Instant::now());
+                std::mem::take(&mut table.refused_unlogged)
+            } else {
+                0
+            };
+            drop(table);
+            if refused > 0 {
                 log::warn!(
                     "local api: refused {refused} client(s): {} already connected \
                      (localApiMaxClients); at most one such line per {}s",
@@ -664,7 +669,6 @@ impl Clients {
                     REFUSAL_LOG_INTERVAL.as_secs()
                 );
             }
-            drop(table);
             refuse(
                 stream,
                 &format!("too many local clients ({}); try again later", self.max_clients),
