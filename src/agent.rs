@@ -217,6 +217,7 @@ impl Agent {
                 log::error!("bug: supervisor panicked");
             }
         }
+        self.hub.cancel_requests();
         drop(self.rotation.take()); // stops and joins it
         self.stop_modules();
     }
@@ -249,6 +250,9 @@ impl Agent {
     }
 
     fn shutdown(&mut self) {
+        // Requests waiting for the cloud (a local client's, say, with a 2-minute timeout) end
+        // now with a clear error instead of holding the stop (issue 11, item 7).
+        self.hub.cancel_requests();
         // Both stop at once: a rotation request in flight is cancelled, not waited for.
         if let Some(rotation) = self.rotation.as_mut() {
             rotation.signal_stop();

@@ -40,7 +40,8 @@ pub enum Command {
 }
 
 /// Is the agent connected, since when, and is anything piling up or dropped? Exit 0 when
-/// connected, 1 when not, 2 when the agent is not running.
+/// connected, 1 when not, 2 when the agent is not running, 3 when it runs but is busy (every
+/// local client slot taken, or stopping): ask again.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "status")]
 pub struct StatusArgs {
@@ -433,7 +434,12 @@ fn list_or_none<T: AsRef<str>>(keys: &[T]) -> String {
     }
 }
 
-/// `edgehub status`: a one-line summary (or `--json`), exit 0 connected / 1 not / 2 not running.
+/// `edgehub status` when the agent runs but cannot answer now (all local client slots taken,
+/// or it is stopping): a watchdog should ask again rather than act on "not connected".
+pub const STATUS_EXIT_BUSY: i32 = 3;
+
+/// `edgehub status`: a one-line summary (or `--json`), exit 0 connected / 1 not / 2 not running /
+/// 3 running but busy.
 fn status_command(a: StatusArgs) -> Result<i32> {
     let path = socket_path(a.socket, a.config)?;
     let mut client = match LocalClient::connect(&path) {
@@ -443,7 +449,18 @@ fn status_command(a: StatusArgs) -> Result<i32> {
             return Ok(2);
         }
     };
-    let status = client.status()?;
+    let status = match client.status() {
+        Ok(status) => status,
+        Err(e) if e.kind() == ErrorKind::Full => {
+            eprintln!("edgehub: busy, cannot answer now; try again ({e})");
+            return Ok(STATUS_EXIT_BUSY);
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Closed | ErrorKind::Stopped) => {
+            eprintln!("edgehub: running but not answering now; try again ({e})");
+            return Ok(STATUS_EXIT_BUSY);
+        }
+        Err(e) => return Err(e),
+    };
     let connected = status["connected"].as_bool().unwrap_or(false);
     let text = if a.json {
         serde_json::to_string_pretty(&status).unwrap_or_default()

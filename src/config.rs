@@ -42,6 +42,9 @@ pub const DEFAULT_LOCAL_API_SOCKET: &str = "/run/edgehub/edgehub.sock";
 pub const DEFAULT_LOCAL_API_MAX_CLIENTS: usize = 16;
 pub const DEFAULT_LOCAL_CLIENT_QUEUE: usize = 1024;
 pub const DEFAULT_LOCAL_API_MAX_LINE_BYTES: usize = 1 << 20;
+/// Hardening (issue 11): a local client that neither subscribed nor sent a line for this long is
+/// disconnected, so idle connections cannot hold every client slot.
+pub const DEFAULT_LOCAL_API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest local API socket path: `sun_path` holds 107 bytes, and binding first at a temporary
 /// `<path>.<pid>` (then renaming) needs room for up to 8 more.
 pub const MAX_LOCAL_API_SOCKET_BYTES: usize = 99;
@@ -244,6 +247,11 @@ pub struct Config {
     /// A join at start that fails (cloud unreachable, WAN not up yet) is tried again after 2 s,
     /// doubling up to this, until it succeeds or the agent is stopped.
     pub join_retry_max: Seconds,
+
+    // ---- hardening (issue 11) ----
+    /// A local client that has not subscribed and sent no line for this long is disconnected
+    /// (0: never), so idle connections cannot lock other clients out.
+    pub local_api_idle_timeout: Seconds,
 }
 
 /// A node taint, as `v1.Taint` writes it.
@@ -313,6 +321,7 @@ impl Default for Config {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             join_retry_max: Seconds(DEFAULT_JOIN_RETRY_MAX),
+            local_api_idle_timeout: Seconds(DEFAULT_LOCAL_API_IDLE_TIMEOUT),
         }
     }
 }

@@ -4,61 +4,41 @@
 #![allow(unsafe_code)] // statvfs has no std wrapper.
 
 use std::ffi::CString;
-use std::os::raw::{c_char, c_int, c_ulong};
+use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-extern "C" {
-    // glibc's 64-bit-counter variant exists on every glibc target; musl's statvfs always has
-    // 64-bit counters (and it dropped the *64 names).
-    #[cfg_attr(not(target_env = "musl"), link_name = "statvfs64")]
-    fn statvfs(path: *const c_char, buf: *mut u64) -> c_int;
-}
+// The struct and the call come from the `libc` crate, which lays the struct out per libc and
+// architecture. glibc's `statvfs` has 32-bit block counters on 32-bit targets (a 16 TiB disk
+// would wrap), so there the 64-bit-counter variant is used; musl has only 64-bit counters.
+// (`statvfs` names both the struct and the function.)
+#[cfg(not(target_env = "gnu"))]
+use libc::statvfs;
+#[cfg(target_env = "gnu")]
+use libc::statvfs64 as statvfs;
 
 /// Bytes in the filesystem holding `path`, and bytes available to an unprivileged user.
 /// `None` if it cannot be asked.
 pub fn space(path: &Path) -> Option<(u64, u64)> {
     let path = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // Larger than any `struct statvfs[64]`, and 8-byte aligned for the u64 counters.
-    let mut buf = [0u64; 32];
-    // SAFETY: `path` is NUL-terminated and lives across the call; `buf` is writable, aligned and
-    // bigger than the struct the call fills.
+    let mut buf = MaybeUninit::<statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and lives across the call; `buf` is a writable struct of
+    // exactly the type the call fills.
     let rc = unsafe { statvfs(path.as_ptr(), buf.as_mut_ptr()) };
     if rc != 0 {
         return None;
     }
-    // Layout shared by glibc's statvfs64 and musl's statvfs: two unsigned longs (f_bsize,
-    // f_frsize), then u64 f_blocks, f_bfree, f_bavail at the next 8-byte boundary.
-    let word = std::mem::size_of::<c_ulong>();
-    let bytes: &[u8] = &native_bytes(&buf);
-    let ulong = |at: usize| -> u64 {
-        let mut b = [0u8; 8];
-        b[..word].copy_from_slice(&bytes[at..at + word]);
-        if cfg!(target_endian = "big") && word == 4 {
-            u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-        } else if word == 4 {
-            u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        } else {
-            u64::from_ne_bytes(b)
-        }
-    };
-    let u64_at = |at: usize| -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_ne_bytes(b)
-    };
-    let frsize = match ulong(word) {
-        0 => ulong(0),
+    // SAFETY: the call succeeded, so it filled the whole struct.
+    let stat = unsafe { buf.assume_init() };
+    // Counters are in units of the fragment size; a filesystem that reports none uses the block size.
+    #[allow(clippy::unnecessary_cast)] // the field types differ per target (u32 or u64)
+    let frsize = match stat.f_frsize as u64 {
+        0 => stat.f_bsize as u64,
         f => f,
     };
-    let counters = (2 * word).next_multiple_of(8);
-    let blocks = u64_at(counters);
-    let available = u64_at(counters + 16);
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, available) = (stat.f_blocks as u64, stat.f_bavail as u64);
     Some((blocks.saturating_mul(frsize), available.saturating_mul(frsize)))
-}
-
-fn native_bytes(words: &[u64; 32]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -71,5 +51,25 @@ mod tests {
         assert!(total > 1 << 20, "total {total}");
         assert!(available <= total);
         assert!(space(Path::new("/nonexistent/edgehub")).is_none());
+    }
+
+    /// The figures match what coreutils' `stat -f` reads through its own libc: a struct laid out
+    /// wrongly for the target (issue 11, item 12) gives other numbers. Skipped where `stat` is
+    /// missing (busybox-only systems have it too, but not every builder does).
+    #[test]
+    fn figures_match_stat_f() {
+        let dir = std::env::temp_dir();
+        let Ok(out) =
+            std::process::Command::new("stat").args(["-f", "-c", "%S %b %a"]).arg(&dir).output()
+        else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let numbers: Vec<u64> = text.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+        let [frsize, blocks, available] = numbers[..] else { return };
+        let (total, free) = space(&dir).unwrap();
+        assert_eq!(total, blocks * frsize, "stat -f said {text}");
+        // Free space moves while tests write files: allow 1 GiB of drift.
+        assert!(free.abs_diff(available * frsize) < 1 << 30, "{free} vs stat -f {text}");
     }
 }

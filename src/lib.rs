@@ -23,7 +23,7 @@
 //!   mappers) with its client `local_client`;
 //! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
 //! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
-//!   (counters), `logging`, `error`;
+//!   (counters), `logging`, `error`, `dirs` (private directories whose creation is durable);
 //! - system calls std lacks, the only `unsafe`: `poll` (readiness), `signals` (sigwait), `disk`
 //!   (statvfs).
 //!
@@ -36,6 +36,7 @@ pub mod agent;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod dirs;
 pub mod disk;
 pub mod error;
 pub mod link;

@@ -291,7 +291,7 @@ fn upgrade_error(
             ErrorKind::Handshake.msg(format!(
                 "websocket upgrade with {server} refused: {} {}",
                 response.status(),
-                body.trim()
+                crate::logging::shown(body.trim())
             ))
         }
         tungstenite::HandshakeError::Failure(e) => {

@@ -27,6 +27,8 @@ pub struct LocalClient {
     line: Vec<u8>,
     /// Events read while waiting for a reply (at most what the agent had queued before it).
     events: VecDeque<String>,
+    /// The agent closed this connection for being idle (the last command was not read).
+    idle_closed: bool,
 }
 
 /// A reply line, with the fields any op may answer.
@@ -74,6 +76,7 @@ impl LocalClient {
             writer,
             line: Vec::new(),
             events: VecDeque::new(),
+            idle_closed: false,
         })
     }
 
@@ -170,13 +173,38 @@ impl LocalClient {
         !self.events.is_empty() || self.reader.buffer().contains(&b'\n')
     }
 
-    /// Sends one command and waits for its reply, keeping events read meanwhile.
+    /// Sends one command and waits for its reply, keeping events read meanwhile. When the agent
+    /// had let this connection go for being idle (`localApiIdleTimeout`), the command was never
+    /// read: it is sent again once over a new connection.
     fn call(&mut self, request: &Value) -> Result<Reply> {
+        match self.call_once(request) {
+            Err(e) if self.idle_closed => {
+                self.idle_closed = false;
+                let fresh = LocalClient::connect(&self.path).map_err(|_| e)?;
+                self.reader = fresh.reader;
+                self.writer = fresh.writer;
+                self.line.clear();
+                self.call_once(request)
+            }
+            result => result,
+        }
+    }
+
+    fn call_once(&mut self, request: &Value) -> Result<Reply> {
         let mut line = request.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| ErrorKind::Io.msg(format!("write to {}", self.path.display())).src(e))?;
+        if let Err(e) = self.writer.write_all(line.as_bytes()) {
+            // An agent that refused the connection (all client slots taken) or let it go (idle)
+            // wrote why before closing: that says more than "Broken pipe".
+            if let Ok(Some(line)) = self.read_line() {
+                if let Ok(reply) = serde_json::from_str::<Reply>(&line) {
+                    if !reply.ok {
+                        return Err(self.failure(&reply));
+                    }
+                }
+            }
+            return Err(ErrorKind::Io.msg(format!("write to {}", self.path.display())).src(e));
+        }
         loop {
             let Some(line) = self.read_line()? else {
                 return Err(ErrorKind::Closed
@@ -191,18 +219,28 @@ impl LocalClient {
             if reply.ok {
                 return Ok(reply);
             }
-            let kind = match reply.kind.as_deref() {
-                Some(failure::TIMEOUT) => ErrorKind::Timeout,
-                Some(failure::FULL) => ErrorKind::Full,
-                Some(failure::BAD_REQUEST) => ErrorKind::Config,
-                _ => ErrorKind::Io,
-            };
-            return Err(kind.msg(format!(
-                "agent at {}: {}",
-                self.path.display(),
-                reply.error.as_deref().unwrap_or("failed")
-            )));
+            return Err(self.failure(&reply));
         }
+    }
+
+    /// The error an `ok:false` reply stands for. Notes an idle disconnect, which `call` recovers.
+    fn failure(&mut self, reply: &Reply) -> crate::Error {
+        if reply.kind.as_deref() == Some(failure::IDLE) {
+            self.idle_closed = true;
+        }
+        let kind = match reply.kind.as_deref() {
+            Some(failure::TIMEOUT) => ErrorKind::Timeout,
+            Some(failure::FULL) => ErrorKind::Full,
+            Some(failure::BAD_REQUEST) => ErrorKind::Config,
+            Some(failure::STOPPING) => ErrorKind::Stopped,
+            Some(failure::IDLE) => ErrorKind::Closed,
+            _ => ErrorKind::Io,
+        };
+        kind.msg(format!(
+            "agent at {}: {}",
+            self.path.display(),
+            reply.error.as_deref().unwrap_or("failed")
+        ))
     }
 
     fn read_line(&mut self) -> Result<Option<String>> {

@@ -2,6 +2,8 @@
 //! through `/dev/log` (busybox syslogd, rsyslog). One line per event, UTC RFC 3339 times on
 //! stderr; syslog adds its own time. The level can change later with `log::set_max_level`
 //! (a SIGHUP reload), because the logger itself passes everything.
+//! Text from outside (the cloud, a local client, a server answering a join) goes into a line only
+//! through [`shown`], so it can neither forge a second line nor make one line megabytes long.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
@@ -20,6 +22,54 @@ pub enum LogTarget {
 const SYSLOG_SOCKET: &str = "/dev/log";
 /// syslog facility "daemon".
 const FACILITY_DAEMON: u8 = 3;
+
+/// Most characters of one outside text shown in a log line (or an error that may be logged).
+pub const MAX_SHOWN_CHARS: usize = 256;
+
+/// `text`, safe to put in one log line: control characters (newlines, escape sequences), the
+/// Unicode line separators and bidirectional overrides, and backslashes are escaped as Rust
+/// escapes (`\n`, `\u{1b}`), and the text is cut after [`MAX_SHOWN_CHARS`] characters with
+/// `…(<n> bytes)` saying how long it was. Use it for every value from the network or a local
+/// client that goes into a log line or an error message: IDs, resources, groups, paths, bodies.
+pub fn shown(text: &str) -> Shown<'_> {
+    Shown(text)
+}
+
+/// The [`shown`] form of a text; formats without allocating.
+#[derive(Clone, Copy)]
+pub struct Shown<'a>(&'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for (count, c) in self.0.chars().enumerate() {
+            if count == MAX_SHOWN_CHARS {
+                return write!(f, "…({} bytes)", self.0.len());
+            }
+            if needs_escape(c) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Shown<'_> {
+    /// Quoted, for values that read better in quotes (`"default/pod/p"`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// Characters that could end or rewrite a log line, or make an escape ambiguous.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || c == '\\'
+        || c == '"'
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
 
 /// Sets up the logger once (later calls keep the first) at `level`.
 pub fn init(target: LogTarget, level: log::LevelFilter) {
@@ -122,6 +172,30 @@ impl Write for SyslogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_escapes_line_breaks_and_control_characters() {
+        let forged = "id\n2026-01-01T00:00:00Z [ERROR] FORGED\r\u{1b}[2J\u{2028}x\\n\"";
+        let text = shown(forged).to_string();
+        assert!(!text.contains(['\n', '\r', '\u{1b}', '\u{2028}']), "{text}");
+        assert_eq!(
+            text,
+            "id\\n2026-01-01T00:00:00Z [ERROR] FORGED\\r\\u{1b}[2J\\u{2028}x\\\\n\\\""
+        );
+        assert_eq!(format!("{:?}", shown("a\tb")), "\"a\\tb\"");
+        assert_eq!(shown("plain/ümlaut").to_string(), "plain/ümlaut");
+    }
+
+    #[test]
+    fn shown_cuts_long_text_and_says_how_long_it_was() {
+        let exact = "x".repeat(MAX_SHOWN_CHARS);
+        assert_eq!(shown(&exact).to_string(), exact);
+        let long = "é".repeat(MAX_SHOWN_CHARS + 1);
+        let text = shown(&long).to_string();
+        assert_eq!(text, format!("{}…({} bytes)", "é".repeat(MAX_SHOWN_CHARS), long.len()));
+        let huge = "y".repeat(2 << 20);
+        assert!(shown(&huge).to_string().len() < MAX_SHOWN_CHARS + 32);
+    }
 
     #[test]
     fn one_datagram_per_line_with_priority_from_the_level() {

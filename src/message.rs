@@ -276,22 +276,25 @@ impl Message {
 }
 
 impl fmt::Debug for Message {
-    /// Short form for logs: route and IDs, never the content (it may hold secrets).
+    /// Short form for logs: route and IDs, never the content (it may hold secrets). Every field
+    /// comes from the cloud or a local client, so each is escaped and cut by `logging::shown`:
+    /// an ID with a newline cannot forge a log line, a 2 MB resource makes no 2 MB line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::logging::shown;
         write!(
             f,
             "{}/{} {} {:?} id={}",
-            self.route.source,
-            self.route.group,
-            self.route.operation,
-            self.route.resource,
-            self.header.id
+            shown(&self.route.source),
+            shown(&self.route.group),
+            shown(&self.route.operation),
+            shown(&self.route.resource),
+            shown(&self.header.id)
         )?;
         if !self.header.parent_id.is_empty() {
-            write!(f, " parent={}", self.header.parent_id)?;
+            write!(f, " parent={}", shown(&self.header.parent_id))?;
         }
         if !self.header.resource_version.is_empty() {
-            write!(f, " rv={}", self.header.resource_version)?;
+            write!(f, " rv={}", shown(&self.header.resource_version))?;
         }
         Ok(())
     }

@@ -4,27 +4,12 @@
 
 #![allow(unsafe_code)] // poll(2) has no safe std wrapper; the one call below is checked.
 
+// The struct, the constants and the function come from the `libc` crate, which declares them
+// per libc and architecture, rather than being written out by hand here.
+use libc::{c_int, nfds_t, poll, pollfd, POLLIN, POLLOUT};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::raw::{c_int, c_short};
 use std::time::Duration;
-
-#[repr(C)]
-struct PollFd {
-    fd: c_int,
-    events: c_short,
-    revents: c_short,
-}
-
-// Linux (glibc and musl) declares `nfds_t` as `unsigned long`.
-type NfdsT = std::os::raw::c_ulong;
-
-extern "C" {
-    fn poll(fds: *mut PollFd, nfds: NfdsT, timeout: c_int) -> c_int;
-}
-
-const POLLIN: c_short = 0x001;
-const POLLOUT: c_short = 0x004;
 
 /// What to wait for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +26,13 @@ pub fn wait(socket: &impl AsRawFd, interest: Interest, timeout: Duration) -> io:
         Interest::Read => POLLIN,
         Interest::Write => POLLOUT,
     };
-    let mut fd = PollFd { fd: socket.as_raw_fd(), events, revents: 0 };
+    let mut fd = pollfd { fd: socket.as_raw_fd(), events, revents: 0 };
     // Round up so a 0.4 ms remainder does not become a busy 0 ms poll.
     let millis = timeout.as_micros().div_ceil(1000).min(c_int::MAX as u128) as c_int;
     loop {
-        // SAFETY: `fd` is a valid, initialised pollfd that lives across the call, and nfds is 1.
-        let n = unsafe { poll(&mut fd, 1, millis) };
+        // SAFETY: `fd` is a valid, initialised pollfd that lives across the call, and nfds is 1,
+        // the number of pollfds it points to.
+        let n = unsafe { poll(&mut fd, 1 as nfds_t, millis) };
         if n >= 0 {
             return Ok(n > 0);
         }

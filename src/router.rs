@@ -148,10 +148,14 @@ pub fn cloud_waits_for_ack(msg: &Message) -> bool {
 }
 
 /// Requests waiting for the cloud's response, keyed by the request's `msg_id`. A waiter removes its
-/// own entry when it gives up, so no timer is left behind per request.
+/// own entry when it gives up, so no timer is left behind per request. When the agent stops,
+/// [`Pending::close`] wakes every waiter at once (and refuses new ones), so a request with a long
+/// timeout cannot hold the stop.
 #[derive(Debug, Default)]
 pub struct Pending {
     waiters: Mutex<HashMap<String, Sender<Message>>>,
+    /// Set (under the `waiters` lock) by `close`: no request may wait any more.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pending {
@@ -160,15 +164,35 @@ impl Pending {
         self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a waiter for the response to `request_id`. `None` when too many are waiting.
-    pub fn register(&self, request_id: &str) -> Option<Receiver<Message>> {
+    /// Registers a waiter for the response to `request_id`. The receiver disconnects (with no
+    /// message) if the agent stops first.
+    ///
+    /// # Errors
+    /// `Full` when too many requests wait; `Stopped` once [`Pending::close`] was called.
+    pub fn register(&self, request_id: &str) -> crate::Result<Receiver<Message>> {
         let mut waiters = self.lock();
+        // Checked under the lock `close` takes, so no waiter can slip in after it.
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::ErrorKind::Stopped.msg("not waiting for a response"));
+        }
         if waiters.len() >= MAX_PENDING_REQUESTS {
-            return None;
+            return Err(crate::ErrorKind::Full.msg("too many requests waiting for the cloud"));
         }
         let (tx, rx) = bounded(1);
         waiters.insert(request_id.to_owned(), tx);
-        Some(rx)
+        Ok(rx)
+    }
+
+    /// The agent is stopping: every waiter wakes now (its receiver disconnects) and no new one is
+    /// registered. A response arriving later is an orphan.
+    pub fn close(&self) {
+        let mut waiters = self.lock();
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let woken = waiters.len();
+        waiters.clear(); // dropping each Sender disconnects its waiter's receiver
+        if woken > 0 {
+            log::info!("stopping: cancelled {woken} request(s) waiting for the cloud");
+        }
     }
 
     /// Forgets a waiter (it timed out or its request could not be queued).
@@ -350,7 +374,10 @@ impl Router {
             Destination::Unroutable(why @ UNKNOWN_GROUP)
                 if self.groups.contains_key(bus_group::OTHER) =>
             {
-                log::debug!("{why} {:?}: to the module for other groups", msg.route.group);
+                log::debug!(
+                    "{why} {:?}: to the module for other groups",
+                    crate::logging::shown(&msg.route.group)
+                );
                 self.deliver(bus_group::OTHER, msg, stop)
             }
             Destination::Unroutable(why) => {
@@ -533,8 +560,25 @@ mod tests {
         let p = Pending::default();
         let keep: Vec<_> =
             (0..MAX_PENDING_REQUESTS).map(|i| p.register(&i.to_string()).unwrap()).collect();
-        assert!(p.register("one-more").is_none());
+        assert_eq!(p.register("one-more").unwrap_err().kind(), crate::ErrorKind::Full);
         drop(keep);
+    }
+
+    /// Issue 11, item 7: a stop wakes every waiter at once and refuses new ones.
+    #[test]
+    fn close_wakes_every_waiter_and_refuses_new_ones() {
+        let p = Pending::default();
+        let rx = p.register("req-1").unwrap();
+        let waiter =
+            std::thread::spawn(move || rx.recv_timeout(std::time::Duration::from_secs(120)));
+        p.close();
+        assert_eq!(
+            waiter.join().unwrap(),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected),
+            "the waiter woke with no response"
+        );
+        assert!(p.is_empty());
+        assert_eq!(p.register("req-2").unwrap_err().kind(), crate::ErrorKind::Stopped);
     }
 }
 

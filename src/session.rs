@@ -308,9 +308,12 @@ impl Supervisor {
                     Status::bump(&self.status.malformed);
                     let quoted =
                         String::from_utf8_lossy(&frame[..frame.len().min(MAX_QUOTED_FRAME)]);
+                    // Both may quote the frame (serde names bad values and fields): escaped, cut.
                     log::warn!(
-                        "ignoring frame from cloud ({} bytes): {e}: {quoted:?}",
-                        frame.len()
+                        "ignoring frame from cloud ({} bytes): {}: {:?}",
+                        frame.len(),
+                        crate::logging::shown(&e.to_string()),
+                        crate::logging::shown(&quoted)
                     );
                 }
             }

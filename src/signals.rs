@@ -6,28 +6,12 @@
 #![allow(unsafe_code)] // sigprocmask/sigwait have no std wrapper; each call is checked below.
 
 use crossbeam_channel::{bounded, Receiver};
-use std::os::raw::c_int;
+use libc::{c_int, sigset_t};
+use std::mem::MaybeUninit;
 
-/// `sigset_t` is 1024 bits on Linux for both glibc and musl.
-#[repr(C)]
-struct SigSet([u64; 16]);
-
-extern "C" {
-    fn sigemptyset(set: *mut SigSet) -> c_int;
-    fn sigaddset(set: *mut SigSet, signum: c_int) -> c_int;
-    fn pthread_sigmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
-    fn sigwait(set: *const SigSet, sig: *mut c_int) -> c_int;
-}
-
-// The same numbers on every Linux architecture edgehub targets (x86, ARM, MIPS).
-pub const SIGHUP: c_int = 1;
-pub const SIGINT: c_int = 2;
-pub const SIGTERM: c_int = 15;
-// SIG_BLOCK differs on MIPS.
-#[cfg(any(target_arch = "mips", target_arch = "mips64"))]
-const SIG_BLOCK: c_int = 1;
-#[cfg(not(any(target_arch = "mips", target_arch = "mips64")))]
-const SIG_BLOCK: c_int = 0;
+// `sigset_t`, the signal numbers and `SIG_BLOCK` come from the `libc` crate, which has them right
+// for each libc and architecture (the set's size differs, and MIPS numbers `SIG_BLOCK` its own way).
+pub use libc::{SIGHUP, SIGINT, SIGTERM};
 
 /// What a signal asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,23 +22,25 @@ pub enum Signal {
     Reload,
 }
 
-fn handled_set() -> SigSet {
-    let mut set = SigSet([0; 16]);
-    // SAFETY: `set` is a valid, writable sigset_t-sized buffer; the signal numbers are valid.
+fn handled_set() -> sigset_t {
+    let mut set = MaybeUninit::<sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the whole set it is given (a valid, writable sigset_t), so
+    // it is initialised before `assume_init`; sigaddset only fails for an invalid signal number,
+    // and these three are valid on every Linux.
     unsafe {
-        sigemptyset(&mut set);
+        libc::sigemptyset(set.as_mut_ptr());
         for sig in [SIGHUP, SIGINT, SIGTERM] {
-            sigaddset(&mut set, sig);
+            libc::sigaddset(set.as_mut_ptr(), sig);
         }
+        set.assume_init()
     }
-    set
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and in every thread it starts later.
 pub fn block() {
     let set = handled_set();
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    let rc = unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         log::error!("cannot block signals (error {rc}); SIGTERM will kill without a clean stop");
     }
@@ -71,7 +57,7 @@ pub fn listen() -> std::io::Result<Receiver<Signal>> {
             loop {
                 let mut sig: c_int = 0;
                 // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-                let rc = unsafe { sigwait(&set, &mut sig) };
+                let rc = unsafe { libc::sigwait(&set, &mut sig) };
                 if rc != 0 {
                     continue;
                 }
@@ -85,4 +71,24 @@ pub fn listen() -> std::io::Result<Receiver<Signal>> {
         },
     )?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The set holds exactly the three signals the agent takes: a `sigset_t` of the wrong size or
+    /// layout for the target (issue 11, item 12) would not read back this way through libc.
+    #[test]
+    fn the_handled_set_holds_the_three_signals_and_no_other() {
+        let set = handled_set();
+        // SAFETY: `set` is an initialised sigset_t; every number below is a valid signal.
+        let member = |sig: c_int| unsafe { libc::sigismember(&set, sig) };
+        for sig in [SIGHUP, SIGINT, SIGTERM] {
+            assert_eq!(member(sig), 1, "signal {sig}");
+        }
+        for sig in [libc::SIGUSR1, libc::SIGKILL, libc::SIGCHLD, libc::SIGPIPE] {
+            assert_eq!(member(sig), 0, "signal {sig}");
+        }
+    }
 }

@@ -11,12 +11,17 @@
 //! segment is fsynced at most every `sync_interval` (so a power cut loses at most that much). A torn
 //! or corrupt tail is detected by length and CRC on open, logged, and cut off; records before it
 //! are kept. A failing disk (full, read-only) is logged and the outbox goes on in memory.
+//!
+//! Privacy: the spool holds every upstream message, so the folder (and `stateDir`, when the spool
+//! creates it) is 0700 and segments are 0600 whatever the umask; a looser folder or segment left
+//! by an older version is tightened on open.
 
 use crate::error::{ErrorKind, Result};
 use crate::message::Message;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,6 +35,10 @@ pub const MAX_RECORD_BYTES: usize = 64 << 20;
 pub const MAX_SEQ: u64 = 1 << 62;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 1 << 20;
+/// The spool folder (and a `stateDir` it creates): the agent's user only.
+pub const DIR_MODE: u32 = 0o700;
+/// Segment files: the agent's user only.
+pub const SEGMENT_MODE: u32 = 0o600;
 
 /// A message read back from the spool.
 #[derive(Debug)]
@@ -166,8 +175,13 @@ impl Spool {
     /// # Errors
     /// `Io` only when the directory itself cannot be created or listed.
     pub fn open(dir: &Path, sync_interval: Duration) -> Result<(Spool, Vec<Recovered>)> {
-        fs::create_dir_all(dir)
+        crate::dirs::create_durable(dir, DIR_MODE)
             .map_err(|e| ErrorKind::Io.msg(format!("create spool dir {}", dir.display())).src(e))?;
+        match crate::dirs::restrict(dir, DIR_MODE) {
+            Ok(true) => log::info!("spool: {} was readable by others; now 0700", dir.display()),
+            Ok(false) => {}
+            Err(e) => log::warn!("spool: cannot make {} private: {e}", dir.display()),
+        }
         let mut firsts: Vec<(u64, PathBuf)> = fs::read_dir(dir)
             .map_err(|e| ErrorKind::Io.msg(format!("list spool dir {}", dir.display())).src(e))?
             .filter_map(|entry| {
@@ -182,6 +196,9 @@ impl Spool {
         let mut dones = Vec::new();
         let mut segments = BTreeMap::new();
         for (first, path) in firsts {
+            if let Err(e) = crate::dirs::restrict(&path, SEGMENT_MODE) {
+                log::warn!("spool: cannot make {} private: {e}", path.display());
+            }
             let bytes = match read_all(&path) {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -352,9 +369,19 @@ impl Spool {
     fn start_segment(&mut self, first_seq: u64) -> Result<()> {
         self.sync();
         let path = self.dir.join(segment_name(first_seq));
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| {
-            ErrorKind::Io.msg(format!("create spool segment {}", path.display())).src(e)
-        })?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(SEGMENT_MODE)
+            .open(&path)
+            .and_then(|file| {
+                // Exactly 0600, whatever the umask.
+                file.set_permissions(fs::Permissions::from_mode(SEGMENT_MODE))?;
+                Ok(file)
+            })
+            .map_err(|e| {
+                ErrorKind::Io.msg(format!("create spool segment {}", path.display())).src(e)
+            })?;
         if let Ok(dir) = File::open(&self.dir) {
             let _ = dir.sync_all(); // make the new name durable
         }

@@ -1,6 +1,8 @@
 //! The load harness end to end: `edgehub-bench` (the agent library with bench modules) against the
-//! simulator in load mode, each way and request/response, for a second each. What the two ends
-//! count must agree: nothing lost, nothing failed.
+//! simulator in load mode, each way and request/response, each until a few hundred messages went
+//! through (`--until`) within a generous deadline. What the two ends count must agree: nothing
+//! lost, nothing failed. No throughput is asserted here (issue 11: a count within a time window
+//! flaked under qemu on a busy machine); throughput is `scripts/bench.sh`'s business.
 #![cfg(feature = "cloudsim")]
 
 mod support;
@@ -12,8 +14,12 @@ use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-/// Runs edgehub-bench against `cloud` and returns its summary line.
-fn bench(cloud: &Cloud, args: &[&str]) -> Value {
+/// Seconds the bench may take to reach its count: far more than any machine needs.
+const DEADLINE_S: &str = "90";
+
+/// Runs edgehub-bench against `cloud` until `until` messages went through (or the deadline)
+/// and returns its summary line.
+fn bench(cloud: &Cloud, until: u64, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_edgehub-bench"))
         .args(["--server", &cloud.sim.addr().to_string(), "--node", NODE])
         .arg("--ca")
@@ -24,7 +30,7 @@ fn bench(cloud: &Cloud, args: &[&str]) -> Value {
         .arg(&cloud.paths.client_key)
         .arg("--state-dir")
         .arg(cloud.dir.path().join("bench-state"))
-        .args(["--duration", "1", "--stats-every", "0.5"])
+        .args(["--duration", DEADLINE_S, "--until", &until.to_string(), "--stats-every", "0.5"])
         .args(args)
         .output()
         .unwrap();
@@ -41,17 +47,20 @@ fn bench(cloud: &Cloud, args: &[&str]) -> Value {
     summary
 }
 
+/// The deadline plus the simulator's and the agent's start and stop.
+const WATCHDOG: Duration = Duration::from_secs(150);
+
 fn number(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
 }
 
 #[test]
 fn edge_to_cloud_every_message_sent_arrives_once() {
-    let _w = watchdog(Duration::from_secs(60));
+    let _w = watchdog(WATCHDOG);
     let cloud = Cloud::start_with(|c| c.load = Some(LoadConfig::new(0, 130, SendClass::NoAck)));
-    let summary = bench(&cloud, &["--rate", "2000"]);
+    let summary = bench(&cloud, 500, &["--rate", "2000"]);
     let sent = number(&summary, "sent");
-    assert!(sent >= 1000, "{summary}");
+    assert!(sent >= 500, "{summary}");
     assert_eq!(number(&summary, "unconfirmed_at_end"), 0, "{summary}");
     let mut seen = SeqTracker::default();
     while let Ok(event) = cloud.events.try_recv() {
@@ -67,14 +76,14 @@ fn edge_to_cloud_every_message_sent_arrives_once() {
 
 #[test]
 fn cloud_to_edge_with_acks_nothing_is_lost_and_every_message_is_acked() {
-    let _w = watchdog(Duration::from_secs(60));
+    let _w = watchdog(WATCHDOG);
     let cloud = Cloud::start_with(|c| {
         c.load = Some(LoadConfig::new(2000, 130, SendClass::Ack));
         c.ack_window = 64;
     });
-    let summary = bench(&cloud, &[]);
+    let summary = bench(&cloud, 500, &[]);
     let received = number(&summary, "received");
-    assert!(received >= 1000, "{summary}");
+    assert!(received >= 500, "{summary}");
     assert_eq!(number(&summary, "missing"), 0, "{summary}");
     // The cloud keeps sending while the summary is taken: ACKs may run ahead of the count.
     assert!(number(&summary["agent"], "acks_sent") >= received, "{summary}");
@@ -84,9 +93,9 @@ fn cloud_to_edge_with_acks_nothing_is_lost_and_every_message_is_acked() {
 
 #[test]
 fn request_response_every_request_is_answered() {
-    let _w = watchdog(Duration::from_secs(60));
+    let _w = watchdog(WATCHDOG);
     let cloud = Cloud::start_with(|c| c.load = Some(LoadConfig::new(0, 130, SendClass::NoAck)));
-    let summary = bench(&cloud, &["--sync", "--concurrency", "4"]);
+    let summary = bench(&cloud, 100, &["--sync", "--concurrency", "4"]);
     assert!(number(&summary, "requests") >= 100, "{summary}");
     assert_eq!(number(&summary, "requests_failed"), 0, "{summary}");
     assert!(summary["rtt_p50_us"].is_number(), "{summary}");
@@ -94,12 +103,12 @@ fn request_response_every_request_is_answered() {
 
 #[test]
 fn durable_messages_go_through_the_store_before_their_ack() {
-    let _w = watchdog(Duration::from_secs(60));
+    let _w = watchdog(WATCHDOG);
     let cloud = Cloud::start_with(|c| {
         c.load = Some(LoadConfig::new(500, 130, SendClass::Ack));
         c.ack_window = 64;
     });
-    let summary = bench(&cloud, &["--durable"]);
+    let summary = bench(&cloud, 100, &["--durable"]);
     let received = number(&summary, "received");
     assert!(received >= 100, "{summary}");
     assert_eq!(number(&summary, "missing"), 0, "{summary}");

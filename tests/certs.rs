@@ -284,7 +284,9 @@ fn rotation_gets_a_new_certificate_reconnects_and_loses_no_message() {
     }
     stop.store(true, Ordering::SeqCst);
     let sent = producer.join().unwrap();
-    assert!(sent > 100, "only {sent} messages sent");
+    // Messages flowed while the certificate changed twice; how many depends on the machine
+    // (issue 11: no count within a time window), so only that some did.
+    assert!(sent >= 10, "only {sent} messages sent");
     let duplicates = collect_numbered(&j.cloud, &mut seen, sent);
     serials.dedup();
     assert_eq!(serials.len(), 3, "two new certificates: {serials:?}");
@@ -397,7 +399,8 @@ fn stopping_the_agent_cancels_a_certificate_request_in_flight() {
     let stopping = Instant::now();
     agent.stop();
     let took = stopping.elapsed();
-    assert!(took < Duration::from_secs(2), "stop waited {took:?} for the request");
+    // Far below the request's own 30 s timeout, with room for a busy machine (issue 11).
+    assert!(took < Duration::from_secs(10), "stop waited {took:?} for the request");
     drop(acceptor.join().unwrap());
 }
 

@@ -131,7 +131,9 @@ fn half_open_link_is_detected_reconnected_and_nothing_is_lost() {
     }
     wait_connection_event(&probe_rx, message::CLOUD_DISCONNECTED);
     let detected = stalled_at.elapsed();
-    assert!(detected <= READ_DEADLINE + HEARTBEAT, "half-open noticed after {detected:?}");
+    // Generous (issue 11): without the read deadline a stalled link is never noticed.
+    let bound = READ_DEADLINE + HEARTBEAT + Duration::from_secs(5);
+    assert!(detected <= bound, "half-open noticed after {detected:?}");
     // Drop what the proxy held on the dead connection, then let new connections through.
     proxy.cut_all();
     proxy.set_mode(Mode::Pass);
@@ -392,8 +394,10 @@ fn half_open_default_settings_detection_time() {
         "half-open detected {:.1} s after the link went silent (defaults)",
         stalled_at.elapsed().as_secs_f64()
     );
+    // The figure is printed above; the bound only says the read deadline did it (issue 11:
+    // no tight timing in tests).
     assert!(
-        stalled_at.elapsed() <= edgehub::config::DEFAULT_READ_DEADLINE + Duration::from_secs(1)
+        stalled_at.elapsed() <= edgehub::config::DEFAULT_READ_DEADLINE + Duration::from_secs(5)
     );
     agent.stop();
 }

@@ -64,19 +64,22 @@ fn keepalive_at_connect_then_every_heartbeat_and_pings_keep_the_link() {
             Some(())
         });
     }
-    assert!(
-        keepalives[0].duration_since(connected_at) < HEARTBEAT / 2,
-        "first keepalive is immediate"
-    );
+    // Bounds with room for a busy machine (issue 11): the first keepalive comes before the
+    // first heartbeat tick, then one per heartbeat (never two in half a heartbeat, never one
+    // in several).
+    assert!(keepalives[0].duration_since(connected_at) < HEARTBEAT, "first keepalive is immediate");
     for pair in keepalives.windows(2) {
         let gap = pair[1].duration_since(pair[0]);
         assert!(
-            gap > HEARTBEAT / 2 && gap < HEARTBEAT * 2,
+            gap > HEARTBEAT / 2 && gap < HEARTBEAT * 5,
             "keepalive gap {gap:?} vs heartbeat {HEARTBEAT:?}"
         );
     }
-    // 4 heartbeats = 1.2 s at a ping every 0.4 s: at least two pings.
-    assert!(pings >= 2, "pings seen: {pings}");
+    // A ping every 0.4 s: wait for two (not a count within a window), all in one session.
+    while pings < 2 {
+        cloud.wait_for("ping", |e| matches!(e, SimEvent::Ping { .. }).then_some(()));
+        pings += 1;
+    }
     assert_eq!(Status::get(&agent.status().sessions), 1, "pongs kept the read deadline satisfied");
     agent.stop();
 }

@@ -300,10 +300,12 @@ fn a_burst_of_1000_is_group_committed_and_every_message_is_stored_then_acked() {
     eprintln!("burst of 1000: {stats:?}");
     assert_eq!(stats.messages, 1000);
     assert_eq!(stats.file_syncs, 1000, "one fsync per object");
-    // Group commit: far fewer batches (each ending in one folder fsync and then its ACKs) than
-    // messages. How many exactly depends on timing; one per message would be 1000.
-    assert!(stats.largest_batch > 1 && stats.batches < 500, "{stats:?}");
-    assert!(stats.dir_syncs < 500, "{stats:?}");
+    // Group commit: messages that wait together are committed together, each batch ending in
+    // one folder fsync (plus one per folder created) and then its ACKs. How many batches there
+    // are depends on timing, so that is not asserted (issue 11); that batches form at all in a
+    // burst of 1000, and the one fsync per batch, are.
+    assert!(stats.largest_batch > 1, "{stats:?}");
+    assert!(stats.dir_syncs <= stats.batches + 4, "{stats:?}");
     m.agent.stop();
 }
 

@@ -164,7 +164,10 @@ fn status_answers_in_every_state_with_its_exit_code() {
     let status = daemon.status_json();
     assert_eq!(status["connected"], false);
     assert_eq!(status["outbox"]["messages"], 5);
-    assert!(status["dialAttempts"].as_u64().unwrap() >= 1);
+    // The first dial may still be in flight: waited for, not expected by now (issue 11).
+    wait_until("a failed dial counted", || {
+        daemon.status_json()["dialAttempts"].as_u64().is_some_and(|n| n >= 1)
+    });
     assert!(text(&daemon.status(false)).contains("outbox 5"));
 
     // Connected: exit 0, the backlog drains.
@@ -180,7 +183,9 @@ fn status_answers_in_every_state_with_its_exit_code() {
     let status = daemon.status_json();
     assert!(status["lastKeepaliveSent"].as_u64().is_some());
     assert!(status["lastFrameReceived"].as_u64().is_some());
-    assert_eq!(status["localClients"], 2, "the client above, and this status call");
+    // The client above and the asking status call; an earlier call's thread may still be
+    // finishing, so this is waited for (issue 11).
+    wait_until("two local clients", || daemon.status_json()["localClients"] == 2);
     drop(client);
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
@@ -295,4 +300,185 @@ fn sighup_changes_log_level_and_rate_without_a_reconnect() {
     assert_eq!(daemon.status(false).status.code(), Some(0));
     daemon.signal("-TERM");
     assert_eq!(daemon.wait_exit(), Some(0));
+}
+
+/// Issue 11, item 7: a local request with `timeoutMs` 120000 that the cloud never answers made
+/// the agent exit 119 s after SIGTERM. A stop cancels it at once, and the client is told why.
+#[test]
+fn sigterm_with_a_long_request_in_flight_stops_at_once_and_tells_the_client() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(&cloud, &cloud.sim.addr().to_string(), "");
+    daemon.start();
+    cloud.wait_connected();
+    let socket = daemon.socket();
+    let requester = std::thread::spawn(move || {
+        let mut client = LocalClient::connect(&socket).unwrap();
+        // The simulator records it and never answers.
+        let msg = numbered(7).encode();
+        let raw = serde_json::value::RawValue::from_string(msg.trim_end().to_owned()).unwrap();
+        client.request(&raw, Some(Duration::from_secs(120)))
+    });
+    wait_until("request in flight", || daemon.status_json()["requestsPending"] == 1);
+    let started = std::time::Instant::now();
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0), "{}", daemon.log_text());
+    eprintln!("stopped {:?} after SIGTERM with a 120 s request in flight", started.elapsed());
+    let err = requester.join().unwrap().unwrap_err();
+    assert_eq!(err.kind(), edgehub::ErrorKind::Stopped, "{err}");
+    assert!(err.to_string().contains("the agent is stopping"), "{err}");
+    assert!(daemon.log_text().contains("cancelled 1 request(s)"), "{}", daemon.log_text());
+}
+
+/// Issue 11, item 9: with every client slot held by idle connections, `edgehub status` printed
+/// `Broken pipe` and exited 1 (read by a watchdog as "not connected"). It now exits 3, saying
+/// the agent is busy; refusals are logged once per interval, not once per connection.
+#[test]
+fn status_says_busy_with_exit_3_when_every_client_slot_is_taken() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(
+        &cloud,
+        &cloud.sim.addr().to_string(),
+        r#", "localApiMaxClients": 2"#, // the default idle timeout (60 s) outlasts the test
+    );
+    daemon.start();
+    cloud.wait_connected();
+    // Two clients that say nothing more after one call (which proves each holds a slot). The
+    // probe of `start` may hold a slot for a moment yet: a refused one is tried again.
+    let mut holders = Vec::new();
+    wait_until("two slots held", || {
+        let mut client = daemon.client();
+        if client.status().is_ok() {
+            holders.push(client);
+        }
+        holders.len() == 2
+    });
+    for _ in 0..10 {
+        let out = daemon.status(false);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "stdout {} stderr {stderr}", text(&out));
+        assert!(stderr.contains("busy"), "{stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    }
+    drop(holders.pop());
+    wait_until("a slot frees up", || daemon.status(false).status.code() == Some(0));
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let log = daemon.log_text();
+    let refusal_lines = log.lines().filter(|l| l.contains("refused")).count();
+    // One line per 10 s, and one at stop for the rest: 10 refusals make 2 lines unless the
+    // machine is so slow that they take over 10 s.
+    assert!(refusal_lines <= 3, "10 refusals, {refusal_lines} lines:\n{log}");
+    assert!(log.contains("refused 1 client(s)"), "{log}");
+}
+
+/// Issue 11, item 9: an idle client (connected, not subscribed, sending nothing) is let go after
+/// `localApiIdleTimeout` with a reason, so it cannot hold a slot; a subscriber waiting for
+/// events is not idle.
+#[test]
+fn an_idle_client_is_disconnected_and_a_subscriber_is_not() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(
+        &cloud,
+        &cloud.sim.addr().to_string(),
+        r#", "localApiMaxClients": 4, "localApiIdleTimeout": 1"#,
+    );
+    daemon.start();
+    cloud.wait_connected();
+    let mut subscriber = daemon.client();
+    subscriber.subscribe(&["twin".to_owned()]).unwrap();
+    let mut quiet = daemon.client();
+    quiet.status().unwrap();
+    // The raw socket, to see exactly what the agent says before it closes.
+    let idle = std::os::unix::net::UnixStream::connect(daemon.socket()).unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut &idle, &mut said).unwrap(); // ends when the agent closes
+    assert!(said.contains(r#""kind":"idle""#), "{said}");
+    assert!(said.contains("localApiIdleTimeout"), "{said}");
+    // The subscriber has been idle at least as long, and is still served.
+    assert_eq!(subscriber.status().unwrap()["connected"], true);
+    // `quiet` was let go too (only the subscriber and the asking client remain); LocalClient
+    // reconnects and its next command is answered.
+    wait_until("quiet let go", || daemon.status_json()["localClients"] == 2);
+    assert_eq!(quiet.status().unwrap()["connected"], true);
+    assert_eq!(daemon.status(false).status.code(), Some(0));
+    drop(subscriber);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
+
+/// Issue 11, item 10: with umask 022 `stateDir` and `stateDir/spool` were 0755 and segments 0644,
+/// readable by every local user while they hold every upstream message. They are 0700 and 0600
+/// whatever the umask.
+#[test]
+fn the_state_dir_and_spool_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let proxy = Proxy::start(cloud.sim.addr()).unwrap();
+    proxy.refuse_new(true); // messages stay in the spool
+    let mut daemon = Daemon::config(&cloud, &proxy.addr().to_string(), "");
+    let log = std::fs::File::create(daemon.log()).unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"umask 022; exec "$0" run --config "$1""#)
+        .arg(BIN)
+        .arg(&daemon.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    daemon.child = Some(child);
+    let socket = daemon.socket();
+    wait_until("local api socket", || LocalClient::connect(&socket).is_ok());
+    let mut client = daemon.client();
+    assert!(send_numbered(&mut client, 1));
+    let state = daemon.dir.path().join("state");
+    let spool = state.join("spool");
+    let segments = || -> Vec<PathBuf> {
+        std::fs::read_dir(&spool)
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    };
+    wait_until("a spool segment", || !segments().is_empty());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "stateDir");
+    assert_eq!(mode(&spool), 0o700, "spool");
+    for segment in segments() {
+        assert_eq!(mode(&segment), 0o600, "{}", segment.display());
+    }
+    drop(client);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
+
+/// Issue 11, item 8: a `msg_id` holding `\n… [ERROR] FORGED` produced a separate forged ERROR
+/// line, and a 2 MB resource a 2 MB WARN line. Text from the cloud is escaped and cut in logs.
+#[test]
+fn text_from_the_cloud_cannot_forge_log_lines_or_make_huge_ones() {
+    let _w = watchdog(Duration::from_secs(60));
+    let cloud = Cloud::start();
+    let mut daemon = Daemon::config(&cloud, &cloud.sim.addr().to_string(), "");
+    daemon.start();
+    cloud.wait_connected();
+    let resource = "r".repeat(2 << 20);
+    // A user message not from the router: dropped with a WARN line naming the message.
+    let mut msg = cloud_msg("user", "someone", "publish", &resource, "");
+    msg.header.id = "x\n2026-11-28T00:00:00Z [ERROR] FORGED\r\u{1b}[2K".to_owned();
+    cloud.sim.push_raw(NODE, msg.encode().into_bytes(), false);
+    wait_until("the drop logged", || daemon.log_text().contains("dropping message from cloud"));
+    daemon.signal("-TERM");
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let log = daemon.log_text();
+    for line in log.lines() {
+        assert!(line.len() < 4096, "a line of {} bytes: {}…", line.len(), &line[..200]);
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+        if line.contains("FORGED") {
+            assert!(line.contains("dropping message from cloud"), "forged line: {line}");
+        }
+    }
+    assert!(log.contains(&format!("…({} bytes)", resource.len())), "{log}");
 }

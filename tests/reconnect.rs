@@ -28,7 +28,9 @@ fn cloud_closes_then_agent_redials_after_twice_the_heartbeat() {
         cloud.wait_connected();
         let gap = cut_at.elapsed();
         assert!(gap >= HEARTBEAT * 2, "redialled after {gap:?}, before 2 x heartbeat");
-        assert!(gap < HEARTBEAT * 2 + Duration::from_millis(1500), "redialled only after {gap:?}");
+        // Generous: a busy machine or qemu is slow to dial, and this is no timing benchmark
+        // (issue 11); a backoff that grows or a stuck supervisor still shows.
+        assert!(gap < HEARTBEAT * 2 + Duration::from_secs(5), "redialled only after {gap:?}");
         wait_connection_event(&probe_rx, message::CLOUD_CONNECTED);
     }
     assert_eq!(Status::get(&agent.status().sessions), 4);
@@ -50,7 +52,8 @@ fn half_open_link_is_detected_within_the_read_deadline() {
     wait_connection_event(&probe_rx, message::CLOUD_DISCONNECTED);
     let detected = stalled_at.elapsed();
     assert!(
-        detected <= READ_DEADLINE + Duration::from_millis(300),
+        // Generous (issue 11): without the read deadline a stalled link is never noticed.
+        detected <= READ_DEADLINE + Duration::from_secs(5),
         "half-open noticed after {detected:?}"
     );
     assert!(detected >= READ_DEADLINE / 2, "ended after {detected:?}: not by the read deadline");

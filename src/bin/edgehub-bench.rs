@@ -8,7 +8,7 @@
 //! end computes one-way latency.
 //!
 //! Output, JSON lines on stdout: a `bench_config` line, a `bench_stats` line every `--stats-every`
-//! seconds, and a `bench_summary` at the end: rates, losses by sequence, one-way and round-trip
+//! seconds and one for the last (partial) interval, and a `bench_summary` at the end: rates, losses by sequence, one-way and round-trip
 //! latency, VmRSS/VmHWM/RssAnon, threads, CPU seconds (user+sys) and CPU % of one core, over the
 //! load period only (from the connection being up to the end of `--duration`). Everything in this
 //! process counts: the agent's threads and the bench's own (named `bench-*`, listed apart in
@@ -94,6 +94,11 @@ struct Args {
     /// seconds of load once connected (default 20)
     #[argh(option, default = "20.0")]
     duration: f64,
+    /// end the load as soon as this many messages were sent or received, or requests answered
+    /// (whichever count is largest), or at --duration: for tests, which check counts within a
+    /// generous deadline rather than a throughput within a window (default 0: run --duration)
+    #[argh(option, default = "0")]
+    until: u64,
     /// cloud messages for the meta group go to the real resource store (stored, fsynced, then
     /// ACKed) instead of the sink, which ACKs at once
     #[argh(switch)]
@@ -184,7 +189,16 @@ impl Counts {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+
+    /// The largest of messages sent, received and requests answered (for `--until`).
+    fn progress(&self) -> u64 {
+        let sent = self.sent.load(Ordering::Relaxed);
+        sent.max(lock(&self.received).count).max(lock(&self.requests).ok)
+    }
 }
+
+/// How often `--until` looks at the counts.
+const UNTIL_CHECK: Duration = Duration::from_millis(20);
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
@@ -344,12 +358,15 @@ fn run(args: &Args) -> Result<(), Failure> {
     let mut reporter = Reporter::new(&args.label, started, cpu_start.clone());
     let ticks = tick(stats_every);
     let end = after(duration);
+    let check = if args.until > 0 { tick(UNTIL_CHECK) } else { crossbeam_channel::never() };
     loop {
         select! {
             recv(ticks) -> _ => println!("{}", reporter.interval_line(&counts, &agent)),
+            recv(check) -> _ => if counts.progress() >= args.until { break },
             recv(end) -> _ => break,
         }
     }
+    println!("{}", reporter.interval_line(&counts, &agent));
     let load_elapsed = started.elapsed();
     let cpu_end = thread_cpu();
     counts.stop.store(true, Ordering::Relaxed);

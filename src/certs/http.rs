@@ -8,8 +8,16 @@
 //! It knows nothing of certificates or tokens: the caller brings the TLS connector (which decides
 //! what the server is trusted by and which client certificate is shown) and the headers. Header
 //! values are never logged, so an `Authorization` header cannot leak (ureq's redaction).
+//!
+//! Whoever answers `httpServer` during a join is not trusted yet (the CA is checked against the
+//! token only once `/ca.crt` has arrived), so every size is bounded before anything is buffered:
+//! chunk sizes with checked arithmetic, and the bytes of a whole response. Written by hand
+//! rather than with `ureq` (issue 11): ureq 2.12 on native-tls added 306 KB to a stripped
+//! x86_64 release binary (url and idna's Unicode tables), more than this file's job is worth, and
+//! it offers no way for another thread to cancel a request in flight ([`Abort`]).
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::logging::shown;
 use native_tls::{HandshakeError, TlsConnector, TlsStream};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -21,6 +29,12 @@ use std::time::{Duration, Instant};
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Status line plus headers; CloudHub's are a few hundred bytes.
 const MAX_HEAD_BYTES: usize = 16 << 10;
+/// Hard cap on the bytes read for one response, framing included: a chunked body of many tiny
+/// chunks with long extensions stays under [`MAX_BODY_BYTES`] of body while its wire bytes (which
+/// are buffered) would not.
+const MAX_RESPONSE_BYTES: usize = MAX_HEAD_BYTES + 2 * MAX_BODY_BYTES;
+/// A chunk size line's hex digits: 16 fill a u64, and nothing under the body cap needs more than 6.
+const MAX_CHUNK_SIZE_DIGITS: usize = 16;
 /// How much of an error body is quoted in the error text.
 const MAX_QUOTED_BODY: usize = 512;
 /// Bytes read per call.
@@ -319,6 +333,9 @@ struct BodyReader<'s, 'u> {
 impl BodyReader<'_, '_> {
     /// Reads more bytes into the buffer. Returns false at the end of the stream.
     fn fill(&mut self) -> Result<bool> {
+        if self.buf.len() >= MAX_RESPONSE_BYTES {
+            return Err(self.protocol(format!("response over {MAX_RESPONSE_BYTES} bytes")));
+        }
         set_timeouts(self.stream.get_ref(), self.deadline, self.url)?;
         let mut chunk = [0u8; READ_CHUNK_BYTES];
         match self.stream.read(&mut chunk) {
@@ -353,7 +370,7 @@ impl BodyReader<'_, '_> {
         let mut lines = head.split("\r\n");
         let status_line = lines.next().unwrap_or_default();
         let status = parse_status_line(status_line)
-            .ok_or_else(|| self.protocol(format!("bad status line {status_line:?}")))?;
+            .ok_or_else(|| self.protocol(format!("bad status line {:?}", shown(status_line))))?;
         let mut content_length = None;
         let mut chunked = false;
         for line in lines {
@@ -362,7 +379,7 @@ impl BodyReader<'_, '_> {
             if name.eq_ignore_ascii_case("content-length") {
                 let n = value
                     .parse::<usize>()
-                    .map_err(|_| self.protocol(format!("bad Content-Length {value:?}")))?;
+                    .map_err(|_| self.protocol(format!("bad Content-Length {:?}", shown(value))))?;
                 content_length = Some(n);
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = value.to_ascii_lowercase().contains("chunked");
@@ -427,15 +444,21 @@ impl BodyReader<'_, '_> {
         loop {
             let line = self.read_line()?;
             let size_text = line.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .map_err(|_| self.protocol(format!("bad chunk size {size_text:?}")))?;
+            let size = Some(size_text)
+                .filter(|t| t.len() <= MAX_CHUNK_SIZE_DIGITS)
+                .and_then(|t| usize::from_str_radix(t, 16).ok())
+                .ok_or_else(|| self.protocol(format!("bad chunk size {:?}", shown(size_text))))?;
             if size == 0 {
                 // Trailers, up to the empty line.
                 while !self.read_line()?.is_empty() {}
                 return Ok(body);
             }
-            if body.len() + size > MAX_BODY_BYTES {
-                return Err(self.protocol(format!("body over the {MAX_BODY_BYTES}-byte limit")));
+            // Checked: a size near usize::MAX must not wrap past the limit (issue 11, item 2).
+            if body.len().checked_add(size).map_or(true, |total| total > MAX_BODY_BYTES) {
+                return Err(self.protocol(format!(
+                    "chunk of {size} bytes after {} takes the body over the {MAX_BODY_BYTES}-byte limit",
+                    body.len()
+                )));
             }
             body.extend_from_slice(&self.read_exact(size)?);
             if !self.read_line()?.is_empty() {
@@ -481,16 +504,17 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// The body as text for an error: lossy UTF-8, trimmed, cut at a bound.
+/// The body as text for an error (which is logged): lossy UTF-8, trimmed, escaped and cut by
+/// [`shown`], so a server's answer cannot forge log lines.
 fn quote_body(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(MAX_QUOTED_BODY)]);
     let text = text.trim();
     if text.is_empty() {
         "(empty body)".to_owned()
     } else if body.len() > MAX_QUOTED_BODY {
-        format!("{text}…")
+        format!("{}… ({} bytes)", shown(text), body.len())
     } else {
-        text.to_owned()
+        shown(text).to_string()
     }
 }
 
@@ -526,6 +550,7 @@ mod tests {
         assert_eq!(quote_body(b"  Invalid authorization token\n"), "Invalid authorization token");
         assert_eq!(quote_body(b""), "(empty body)");
         let long = vec![b'x'; MAX_QUOTED_BODY + 1];
-        assert_eq!(quote_body(&long).chars().count(), MAX_QUOTED_BODY + 1);
+        assert!(quote_body(&long).ends_with(&format!("({} bytes)", MAX_QUOTED_BODY + 1)));
+        assert_eq!(quote_body(b"bad\n[ERROR] forged"), "bad\\n[ERROR] forged");
     }
 }

@@ -189,7 +189,7 @@ impl fmt::Display for CertInfo {
         write!(
             f,
             "{} serial {} valid {} to {}",
-            self.common_name,
+            crate::logging::shown(&self.common_name),
             self.serial,
             rfc3339(self.not_before),
             rfc3339(self.not_after)
@@ -507,7 +507,7 @@ fn accept_certificate(
     if info.common_name != node_cn(config) {
         return Err(ErrorKind::Protocol.msg(format!(
             "GET {url}: the certificate is for {}, not {}",
-            info.common_name,
+            crate::logging::shown(&info.common_name),
             node_cn(config)
         )));
     }

@@ -341,14 +341,11 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .map_err(|e| ErrorKind::Io.msg(context()).src(e))
 }
 
+/// Creates `dir` and its missing parents (mode [`DIR_MODE`]), each new entry made durable in its
+/// parent, so a power cut after a join cannot lose the folder that holds the new pair.
 fn create_dirs(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)
+    crate::dirs::create_durable(dir, DIR_MODE)
+        .map(drop)
         .map_err(|e| ErrorKind::Io.msg(format!("create directory {}", dir.display())).src(e))
 }
 

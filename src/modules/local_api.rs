@@ -24,8 +24,15 @@
 //!
 //! Any failure is `{"ok":false,"error":"…","kind":"…"}` and the connection stays usable; `kind`
 //! is `bad_request` (not JSON, unknown op or field, a line over `localApiMaxLineBytes`…),
-//! `timeout` (the cloud did not answer), `full` (the outbox, or the agent's client slots) or
-//! `failed`.
+//! `timeout` (the cloud did not answer), `full` (the outbox, or the agent's client slots),
+//! `stopping` (the agent is stopping: a request waiting for the cloud is cancelled at once, and
+//! the reply is written before the connection closes) or `failed`.
+//!
+//! A client that has not subscribed and sends no line for `localApiIdleTimeout` (60 s) gets
+//! `{"ok":false,"kind":"idle",…}` (not a reply to anything) and is disconnected, so idle
+//! connections cannot hold every client slot; a client refused because all
+//! `localApiMaxClients` slots are taken gets a `full` error line. `LocalClient` reconnects by
+//! itself after an idle disconnect.
 //!
 //! Replies come in request order. Once subscribed, a client also gets pushed events, interleaved
 //! with replies: `{"event":"message","group":"twin","message":{…}}` for each cloud message routed
@@ -91,6 +98,12 @@ pub const MAX_GROUP_BYTES: usize = 64;
 pub const MAX_CLIENT_QUEUE_BYTES: usize = 4 << 20;
 /// A client whose socket accepts nothing for this long is cut off (it stopped reading).
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At stop, how long clients get to finish the command they are running (requests waiting for
+/// the cloud are cancelled first, so this is quick) and to be written their last replies, before
+/// their sockets are cut.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+/// At most one "refusing clients" line per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept()` (out of file descriptors, say) before trying again.
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Read buffers keep at most this much capacity between lines (a 1 MiB line is not kept).
@@ -111,6 +124,9 @@ pub struct Settings {
     pub max_line_bytes: usize,
     /// Used when a request or query gives no `timeoutMs`.
     pub request_timeout: Duration,
+    /// A client that has not subscribed and sent nothing for this long is disconnected
+    /// (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -126,6 +142,7 @@ impl Settings {
             client_queue: config.local_client_queue.max(1),
             max_line_bytes: config.local_api_max_line_bytes.max(1),
             request_timeout: config.request_timeout.0,
+            idle_timeout: Some(config.local_api_idle_timeout.0).filter(|t| !t.is_zero()),
         }
     }
 }
@@ -284,6 +301,7 @@ fn run(
         clients: clients.clone(),
         max_line_bytes: settings.max_line_bytes,
         request_timeout: settings.request_timeout,
+        idle_timeout: settings.idle_timeout,
     };
     let accept = std::thread::Builder::new()
         .name("eh-api-accept".to_owned())
@@ -461,8 +479,13 @@ pub mod failure {
     pub const BAD_REQUEST: &str = "bad_request";
     /// The cloud did not answer in time.
     pub const TIMEOUT: &str = "timeout";
+    /// Not a reply: the client sent nothing for `localApiIdleTimeout` without having subscribed,
+    /// and is disconnected. Nothing it sends after this line is read; reconnect to go on.
+    pub const IDLE: &str = "idle";
     /// A bounded queue (the outbox, the pending requests) is full: try again later.
     pub const FULL: &str = "full";
+    /// The agent is stopping; the command was cancelled (try again once it runs again).
+    pub const STOPPING: &str = "stopping";
     /// Anything else (the store failed, the agent is too busy…).
     pub const FAILED: &str = "failed";
 }
@@ -477,6 +500,7 @@ impl Failure {
             ErrorKind::Config => failure::BAD_REQUEST,
             ErrorKind::Timeout => failure::TIMEOUT,
             ErrorKind::Full => failure::FULL,
+            ErrorKind::Stopped => failure::STOPPING,
             _ => failure::FAILED,
         };
         Failure { kind, error: format!("{what}: {e}") }
@@ -575,6 +599,7 @@ struct ClientShared {
     clients: Arc<Clients>,
     max_line_bytes: usize,
     request_timeout: Duration,
+    idle_timeout: Option<Duration>,
 }
 
 /// The table of connected clients. Its lock is held only for `try_send`s and bookkeeping, never
@@ -592,6 +617,10 @@ struct Table {
     /// The link state as of the last connection event fanned out (what a new subscriber is told).
     connected: bool,
     stopping: bool,
+    /// Clients refused since the last line that said so, and when that line was logged: a flood
+    /// of connections is logged once per [`REFUSAL_LOG_INTERVAL`], not once per connection.
+    refused_unlogged: u64,
+    refusal_logged: Option<std::time::Instant>,
 }
 
 struct Slot {
@@ -676,8 +705,23 @@ impl Clients {
             return;
         }
         if table.slots.len() >= self.max_clients {
+            table.refused_unlogged += 1;
+            let due = table.refusal_logged.map_or(true, |at| at.elapsed() >= REFUSAL_LOG_INTERVAL);
+            let refused = if due {
+                table.refusal_logged = Some(std::time::Instant::now());
+                std::mem::take(&mut table.refused_unlogged)
+            } else {
+                0
+            };
             drop(table);
-            log::warn!("local api: refusing a client: {} already connected", self.max_clients);
+            if refused > 0 {
+                log::warn!(
+                    "local api: refused {refused} client(s): {} already connected \
+                     (localApiMaxClients); at most one such line per {}s",
+                    self.max_clients,
+                    REFUSAL_LOG_INTERVAL.as_secs()
+                );
+            }
             refuse(
                 stream,
                 &format!("too many local clients ({}); try again later", self.max_clients),
@@ -743,7 +787,10 @@ impl Clients {
         let line = event_line(group, msg);
         let delivered = self.publish(Some(group), &line);
         if delivered == 0 {
-            log::debug!("local api: no client subscribed to {group}; dropping {msg:?}");
+            log::debug!(
+                "local api: no client subscribed to {}; dropping {msg:?}",
+                crate::logging::shown(group)
+            );
         }
         if msg.needs_ack() {
             hub.release(msg);
@@ -809,6 +856,11 @@ impl Clients {
         }
     }
 
+    /// Whether client `id` has subscribed (it then waits for events, and is never idle).
+    fn is_subscribed(&self, id: u64) -> bool {
+        self.lock().slots.iter().any(|s| s.id == id && !s.groups.is_empty())
+    }
+
     /// How many more groups client `id` may subscribe to.
     fn groups_left(&self, id: u64) -> usize {
         let table = self.lock();
@@ -824,11 +876,27 @@ impl Clients {
         }
     }
 
-    /// Refuses new clients, cuts every client and joins their threads.
+    /// Refuses new clients, cuts every client and joins their threads. First every client stops
+    /// being read and gets up to [`STOP_GRACE`] to finish its command and have its replies
+    /// written (a cancelled request's `stopping` error, say); then what is left is cut.
     fn close_all_and_join(&self) {
-        let threads: Vec<(u64, JoinHandle<()>)> = {
+        {
             let mut table = self.lock();
             table.stopping = true;
+            for slot in &table.slots {
+                // Wakes an idle reader (end of stream); a reader running a command finishes it.
+                let _ = slot.stream.shutdown(Shutdown::Read);
+            }
+        }
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        // Shutdown only: a short, bounded poll rather than a signal nobody else needs.
+        while std::time::Instant::now() < deadline
+            && self.lock().slots.iter().any(|s| s.thread.as_ref().is_some_and(|t| !t.is_finished()))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let threads: Vec<(u64, JoinHandle<()>)> = {
+            let mut table = self.lock();
             for slot in &mut table.slots {
                 slot.out_tx = None;
                 let _ = slot.stream.shutdown(Shutdown::Both);
@@ -840,7 +908,14 @@ impl Clients {
                 log::error!("bug: local api client {id} thread panicked");
             }
         }
-        self.lock().slots.clear();
+        let mut table = self.lock();
+        table.slots.clear();
+        if table.refused_unlogged > 0 {
+            log::warn!(
+                "local api: refused {} more client(s) since the last such line",
+                table.refused_unlogged
+            );
+        }
     }
 }
 
@@ -918,11 +993,32 @@ fn serve_client_connected(id: u64, stream: UnixStream, outgoing: Outgoing, share
 }
 
 fn read_loop(id: u64, stream: &UnixStream, shared: &ClientShared) {
+    if let Err(e) = stream.set_read_timeout(shared.idle_timeout) {
+        log::warn!("local api: client {id}: set idle timeout: {e}");
+    }
     let mut reader = BufReader::with_capacity(8 << 10, stream);
     let mut line = Vec::new();
     loop {
         let read = read_line(&mut reader, &mut line, shared.max_line_bytes);
         match read {
+            // Idle: a subscriber waits for events by design; anyone else holds a slot for nothing
+            // (or is sending a line too slowly), and is let go with a reason.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                // A watcher, too, waits for events by design.
+                if line.is_empty()
+                    && (shared.clients.is_subscribed(id) || shared.watches.is_following(id))
+                {
+                    continue;
+                }
+                let idle = shared.idle_timeout.unwrap_or_default();
+                log::debug!("local api: client {id} idle for {idle:?}; disconnecting it");
+                let error = format!(
+                    "no request for {:.1} s (localApiIdleTimeout); disconnecting",
+                    idle.as_secs_f64()
+                );
+                shared.clients.reply(id, error_line(None, Failure { kind: failure::IDLE, error }));
+                return;
+            }
             Ok(Line::Eof) => return,
             Ok(Line::TooLong(len)) => shared.clients.reply(
                 id,

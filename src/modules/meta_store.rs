@@ -17,6 +17,7 @@
 //! write and queries; it never touches the link.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::logging::shown as shown_text;
 use crate::message::{group, operation, Message, Route, CONNECTION_RESOURCE};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
 use crate::router::bus_group;
@@ -77,8 +78,6 @@ const TEMP_PREFIX: &str = ".meta-store.tmp.";
 /// Stored objects may be Secrets: only the agent's user may read them.
 const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
-/// Longest resource text written to the log (a hostile key can be megabytes long).
-const MAX_LOGGED_RESOURCE: usize = 200;
 
 /// Only in builds with the simulator (tests and benchmarks, never the device binary): when this
 /// variable is set, the store thread aborts the process right after a batch became durable and
@@ -151,7 +150,10 @@ fn take_batch(first: Message, inbox: &Receiver<Message>) -> Vec<Message> {
     let mut next = Some(first);
     while let Some(msg) = next.take() {
         if msg.route.resource == CONNECTION_RESOURCE {
-            log::debug!("meta: connection event {:?}", msg.content_text().unwrap_or_default());
+            log::debug!(
+                "meta: connection event {:?}",
+                shown_text(&msg.content_text().unwrap_or_default())
+            );
         } else {
             bytes += msg.encoded_len_hint();
             batch.push(msg);
@@ -212,8 +214,8 @@ fn log_outcome(msg: &Message, outcome: &Outcome) {
         Outcome::Ignored(why) => log::debug!("meta: ignoring {msg:?}: {why}"),
         Outcome::Refused(why) => log::warn!(
             "meta: refusing {} {} {}: {why}",
-            msg.route.group,
-            msg.route.operation,
+            shown_text(&msg.route.group),
+            shown_text(&msg.route.operation),
             shown(&msg.route.resource)
         ),
         // Not ACKed: the cloud sends it again, by which time the disk may have room.
@@ -739,7 +741,10 @@ impl Store {
     fn decide(&self, msg: &Message, plan: &mut Plan) -> (Outcome, Option<PathBuf>) {
         let route = &msg.route;
         if route.group != group::RESOURCE && route.group != group::FUNC {
-            return (Outcome::Refused(format!("group {:?} is not stored", route.group)), None);
+            return (
+                Outcome::Refused(format!("group {:?} is not stored", shown_text(&route.group))),
+                None,
+            );
         }
         let is_delete = match route.operation.as_str() {
             operation::INSERT | operation::UPDATE => false,
@@ -750,7 +755,10 @@ impl Store {
             }
             operation::DELETE => true,
             other => {
-                return (Outcome::Refused(format!("operation {other:?} is not handled")), None)
+                return (
+                    Outcome::Refused(format!("operation {:?} is not handled", shown_text(other))),
+                    None,
+                )
             }
         };
         let (namespace, kind, name) = match parse_key(&route.resource) {
@@ -760,7 +768,10 @@ impl Store {
         };
         let rv = msg.header.resource_version.as_str();
         if !rv.is_empty() && rv.parse::<u64>().is_err() {
-            log::warn!("meta: resourceversion {rv:?} is not a number; treating {msg:?} as newest");
+            log::warn!(
+                "meta: resourceversion {:?} is not a number; treating {msg:?} as newest",
+                shown_text(rv)
+            );
         }
         let path = self.root.join(namespace).join(kind).join(format!("{name}{FILE_SUFFIX}"));
         let current = match plan.staged_stamp(&path) {
@@ -914,13 +925,11 @@ impl Store {
     /// Creates `root/<ns>/<type>`, making each new folder's entry in its parent durable too.
     fn make_dirs(&self, namespace: &str, kind: &str) -> Result<(), Failure> {
         if !self.root.is_dir() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(&self.root)
+            // `stateDir` itself may be new too: each new folder's entry is made durable.
+            let created = crate::dirs::create_durable(&self.root, DIR_MODE)
                 .map_err(|e| Failure::io("create", &self.root, &e))?;
-            if let Some(parent) = self.root.parent() {
-                self.sync_new_dir_parent(parent)?;
+            for _ in &created {
+                Counters::bump(&self.counters.dir_syncs);
             }
         }
         let ns_dir = self.root.join(namespace);
@@ -1012,14 +1021,9 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
-/// The resource for a log line: quoted (so NULs and newlines show) and cut short.
+/// The resource for a log line or error: quoted, escaped and cut short (`logging::shown`).
 fn shown(resource: &str) -> String {
-    let mut end = resource.len().min(MAX_LOGGED_RESOURCE);
-    while !resource.is_char_boundary(end) {
-        end -= 1;
-    }
-    let cut = if end < resource.len() { "…" } else { "" };
-    format!("{:?}{cut}", &resource[..end])
+    format!("{:?}", shown_text(resource))
 }
 
 #[cfg(test)]
@@ -1262,9 +1266,9 @@ mod tests {
     #[test]
     fn long_resources_are_cut_in_logs() {
         assert_eq!(shown("default/pod/p"), "\"default/pod/p\"");
-        let long = "é".repeat(MAX_LOGGED_RESOURCE);
-        assert!(shown(&long).ends_with('…'));
-        assert!(shown(&long).len() < MAX_LOGGED_RESOURCE + 10);
+        let long = "é".repeat(crate::logging::MAX_SHOWN_CHARS + 1);
+        assert!(shown(&long).contains(&format!("…({} bytes)", long.len())));
+        assert!(shown(&long).chars().count() < crate::logging::MAX_SHOWN_CHARS + 20);
     }
 
     fn stored_names(dir: &Path) -> Vec<String> {
@@ -1347,9 +1351,9 @@ mod tests {
         let stats = store.stats();
         assert_eq!((stats.batches, stats.messages), (4, 1000));
         assert_eq!(stats.file_syncs, 1000);
-        // Creating meta/, default/ and configmap/ syncs each parent once; after that one sync of
-        // the configmap folder per batch.
-        assert_eq!(stats.dir_syncs, 3 + 4);
+        // Creating state/, meta/, default/ and configmap/ syncs each parent once; after that one
+        // sync of the configmap folder per batch.
+        assert_eq!(stats.dir_syncs, 4 + 4);
         let dir = scratch.0.join("state/meta/default/configmap");
         assert_eq!(stored_names(&dir).len(), 1000);
         assert_eq!(record(&dir.join("cm-999.json"))["content"], 999);

@@ -75,23 +75,29 @@ impl Hub {
     /// treated as an orphan (and still ACKed if it needs one).
     ///
     /// # Errors
-    /// `Full` when too many requests wait or the outbox is full; `Timeout` when no response came.
+    /// `Full` when too many requests wait or the outbox is full; `Timeout` when no response came;
+    /// `Stopped` when the agent stops while waiting (at once, whatever the timeout).
     pub fn request(&self, msg: Message, timeout: Duration) -> Result<Message> {
         let id = msg.header.id.clone();
-        let Some(response_rx) = self.pending.register(&id) else {
-            return Err(ErrorKind::Full.msg("too many requests waiting for the cloud"));
-        };
+        let response_rx = self.pending.register(&id)?;
         if let Err(rejected) = self.outbox.push(msg) {
             self.pending.cancel(&id);
             return Err(ErrorKind::Full.msg(rejected.to_string()));
         }
         match response_rx.recv_timeout(timeout) {
             Ok(response) => Ok(response),
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+            Err(RecvTimeoutError::Timeout) => {
                 self.pending.cancel(&id);
-                Err(ErrorKind::Timeout
-                    .msg(format!("no response to request {id} within {timeout:?}")))
+                Err(ErrorKind::Timeout.msg(format!(
+                    "no response to request {} within {timeout:?}",
+                    crate::logging::shown(&id)
+                )))
             }
+            // Only `Pending::close` drops the sender without a response.
+            Err(RecvTimeoutError::Disconnected) => Err(ErrorKind::Stopped.msg(format!(
+                "request {} cancelled: the agent is stopping",
+                crate::logging::shown(&id)
+            ))),
         }
     }
 
@@ -103,14 +109,17 @@ impl Hub {
     /// `Full` when too many requests wait or the outbox is full.
     pub fn request_async(&self, msg: Message) -> Result<PendingReply> {
         let id = msg.header.id.clone();
-        let Some(rx) = self.pending.register(&id) else {
-            return Err(ErrorKind::Full.msg("too many requests waiting for the cloud"));
-        };
+        let rx = self.pending.register(&id)?;
         if let Err(rejected) = self.outbox.push(msg) {
             self.pending.cancel(&id);
             return Err(ErrorKind::Full.msg(rejected.to_string()));
         }
         Ok(PendingReply { id, rx, pending: self.pending.clone() })
+    }
+
+    /// The agent is stopping: every request waiting for the cloud ends now with `Stopped`.
+    pub(crate) fn cancel_requests(&self) {
+        self.pending.close();
     }
 
     /// The agent's counters and link state.

@@ -115,6 +115,11 @@ impl Watches {
         self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether `client` follows any object (so it waits for events, and is not idle).
+    pub(super) fn is_following(&self, client: u64) -> bool {
+        self.lock().iter().any(|f| f.followers.iter().any(|&(id, _)| id == client))
+    }
+
     fn wake(&self) {
         let _ = self.wake_tx.try_send(()); // full: a wake-up is already pending
     }
