@@ -124,7 +124,7 @@ impl Supervisor {
             if is_stopping(&stop) {
                 break;
             }
-            match self.dial() {
+            match self.dial(&stop) {
                 Ok(link) => {
                     let sessions =
                         self.status.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -157,6 +157,10 @@ impl Supervisor {
                     if matches!(reason, ExitReason::Stopped) {
                         break;
                     }
+                }
+                Err(e) if e.kind() == crate::error::ErrorKind::Stopped => {
+                    log::info!("dial interrupted: {e}");
+                    break;
                 }
                 Err(e) => {
                     Status::bump(&self.status.dial_failures);
@@ -194,7 +198,8 @@ impl Supervisor {
         log::info!("edgehub supervisor stopped");
     }
 
-    fn dial(&self) -> Result<Link, Error> {
+    /// Dials within `handshakeTimeout`; a stop ends the dial at once (`ErrorKind::Stopped`).
+    fn dial(&self, stop: &Receiver<()>) -> Result<Link, Error> {
         // Certificates are re-read on every dial, so a rotated pair is used at once. Under the
         // pair lock, so a rotation cannot switch the pair between the reads; a reconnect signal
         // sent before these reads is for the pair read here, so it is dropped.
@@ -203,7 +208,7 @@ impl Supervisor {
             while self.reconnect.try_recv().is_ok() {}
             link::tls_connector(&self.config)?
         };
-        let link = link::connect(&self.config, &tls)?;
+        let link = link::connect_until_stopped(&self.config, &tls, stop)?;
         if let Ok(info) = certs::inspect(&self.config) {
             let not_after = u32::try_from(info.not_after.max(0)).unwrap_or(u32::MAX);
             self.status.cert_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
@@ -267,15 +272,23 @@ impl Supervisor {
             }
             batch.clear();
             let result = link.read_available(&mut batch);
-            if !batch.is_empty() {
+            // Alive: a data message or a pong arrived (the cloud answers our pings from the
+            // goroutine that reads, so a pong shows it reads). Its own pings do not count: a peer
+            // that pings and never reads keeps the socket readable forever.
+            let alive = batch.iter().any(|frame| !matches!(frame, Incoming::Control));
+            if alive {
                 last_frame = Instant::now();
                 Status::stamp(&self.status.last_frame);
             }
+            let pings_only = !alive && !batch.is_empty();
             if self.handle_frames(&mut batch, stop).is_err() {
                 break ExitReason::Stopped;
             }
             if let Err(e) = result {
                 break ExitReason::Read(e);
+            }
+            if pings_only && last_frame.elapsed() >= read_deadline {
+                break ExitReason::ReadDeadline(read_deadline);
             }
         });
     }
