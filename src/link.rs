@@ -289,7 +289,11 @@ pub fn connect_until_stopped(
 
 /// TCP connect to the first address of `server` that answers, before `deadline`, in attempts of
 /// at most [`CONNECT_ATTEMPT`] so that `stop` is seen between them.
-fn dial(server: &str, deadline: Instant, stop: &crossbeam_channel::Receiver<()>) -> Result<TcpStream> {
+fn dial(
+    server: &str,
+    deadline: Instant,
+    stop: &crossbeam_channel::Receiver<()>,
+) -> Result<TcpStream> {
     let addrs = server
         .to_socket_addrs()
         .map_err(|e| ErrorKind::Handshake.msg(format!("resolve {server}")).src(e))?;

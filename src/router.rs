@@ -132,8 +132,11 @@ impl Pending {
 /// are forgotten first, and a longer ID is never remembered.
 #[derive(Debug, Default)]
 pub struct Redeliveries {
-    seen: Mutex<(HashMap<Arc<str>, bool>, std::collections::VecDeque<Arc<str>>)>,
+    seen: Mutex<SeenIds>,
 }
+
+/// ID → ACKed yet, and the IDs oldest first; both hold the same `Arc`, so each ID is stored once.
+type SeenIds = (HashMap<Arc<str>, bool>, std::collections::VecDeque<Arc<str>>);
 
 /// Message IDs remembered for re-send detection.
 pub const REDELIVERY_MEMORY: usize = 4096;
@@ -150,11 +153,7 @@ pub enum Seen {
 }
 
 impl Redeliveries {
-    #[allow(clippy::type_complexity)] // the one field's type, spelled out once
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (HashMap<Arc<str>, bool>, std::collections::VecDeque<Arc<str>>)>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeenIds> {
         // Plain maps: a panic elsewhere cannot leave them half-updated.
         self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

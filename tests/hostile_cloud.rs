@@ -139,9 +139,10 @@ fn websocket_upgrade_trickled_a_byte_a_second_ends_by_the_handshake_timeout() {
         let Ok(mut tls) = acceptor.accept(tcp) else { return };
         let mut buf = [0u8; 4096];
         let _ = tls.read(&mut buf); // the upgrade request
-        for byte in b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-Slow: ".iter().chain(
-            std::iter::repeat(&b'x').take(40),
-        ) {
+        for byte in b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'x').take(40))
+        {
             if stopping.load(Ordering::Relaxed) || tls.write_all(&[*byte]).is_err() {
                 return;
             }
@@ -165,7 +166,8 @@ fn stop_interrupts_a_dial_to_a_server_that_says_nothing() {
     let _w = watchdog(Duration::from_secs(60));
     let cloud = Cloud::start();
     let server = Server::start(|_tcp, stopping| idle(stopping, Duration::from_secs(45)));
-    let agent = Agent::start(config_with_handshake_timeout(&cloud, server.addr, 30), vec![]).unwrap();
+    let agent =
+        Agent::start(config_with_handshake_timeout(&cloud, server.addr, 30), vec![]).unwrap();
     server.wait_accepted();
     std::thread::sleep(Duration::from_millis(300)); // well inside the TLS handshake's wait
     let started = Instant::now();
@@ -183,13 +185,14 @@ fn stop_interrupts_a_tcp_connect_that_gets_no_answer() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts
     let addr = listener.local_addr().unwrap();
     let mut queued = Vec::new();
-    let full = (0..4096).any(|_| match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
-        Ok(tcp) => {
-            queued.push(tcp);
-            false
-        }
-        Err(_) => true,
-    });
+    let full =
+        (0..4096).any(|_| match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(tcp) => {
+                queued.push(tcp);
+                false
+            }
+            Err(_) => true,
+        });
     assert!(full, "the accept queue never filled");
     let agent = Agent::start(config_with_handshake_timeout(&cloud, addr, 30), vec![]).unwrap();
     // Nothing to wait for: the SYN is dropped. Half a second puts the stop inside the connect.
@@ -358,7 +361,8 @@ fn control_answer_to_a_huge_resource_is_bounded_and_still_matches() {
     ping.header.message_type = "t".repeat(1 << 20);
     let frame = ping.encode().into_bytes();
     cloud.sim.push_raw(NODE, frame, false);
-    let answer = cloud.wait_received("the control answer", |m| m.header.parent_id == ping.header.id);
+    let answer =
+        cloud.wait_received("the control answer", |m| m.header.parent_id == ping.header.id);
     assert_eq!(answer.route.operation, "response");
     assert_eq!(answer.content_text().as_deref(), Some("ack"));
     assert_eq!(answer.route.resource.len(), 1024); // message::MAX_REPLY_RESOURCE_BYTES
