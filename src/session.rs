@@ -6,7 +6,8 @@
 //!
 //! Threads and channels of a session:
 //! - reader: poll(2) on the socket without the lock, drain frames, decode, `Router::dispatch`;
-//!   it also keeps the read deadline (no frame for `readDeadline` = dead link);
+//!   it also keeps the read deadline (no data message and no pong for `readDeadline` = dead
+//!   link; the cloud's own pings do not count, as a peer can ping while never reading);
 //! - writer: pulls from the shared `Outbox` (urgent lane first, token bucket on the rest), waiting
 //!   on the outbox bell; a failed write puts the message back at the head (§8 W1);
 //! - heartbeat: a keepalive at once and every `heartbeat`, a WebSocket ping every readDeadline/3,
@@ -51,7 +52,8 @@ const MAX_QUOTED_FRAME: usize = 200;
 pub enum ExitReason {
     /// The agent is stopping.
     Stopped,
-    /// No frame at all arrived within `readDeadline` (half-open link).
+    /// No data message and no pong arrived within `readDeadline` (half-open link, or a cloud that
+    /// no longer reads).
     ReadDeadline(Duration),
     /// Reading failed (closed, reset, broken framing, oversized message).
     Read(Error),
@@ -68,7 +70,11 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::Stopped => f.write_str("agent stopping"),
             ExitReason::ReadDeadline(d) => {
-                write!(f, "no frame from the cloud for {:.1} s (readDeadline)", d.as_secs_f64())
+                write!(
+                    f,
+                    "no message or pong from the cloud for {:.1} s (readDeadline)",
+                    d.as_secs_f64()
+                )
             }
             ExitReason::Read(e) => write!(f, "read failed: {e}"),
             ExitReason::Write(e) => write!(f, "write failed: {e}"),

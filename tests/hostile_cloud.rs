@@ -168,8 +168,7 @@ fn stop_interrupts_a_dial_to_a_server_that_says_nothing() {
     let server = Server::start(|_tcp, stopping| idle(stopping, Duration::from_secs(45)));
     let agent =
         Agent::start(config_with_handshake_timeout(&cloud, server.addr, 30), vec![]).unwrap();
-    server.wait_accepted();
-    std::thread::sleep(Duration::from_millis(300)); // well inside the TLS handshake's wait
+    server.wait_accepted(); // the agent now waits for the server's TLS answer
     let started = Instant::now();
     agent.stop();
     let took = started.elapsed();
@@ -200,7 +199,9 @@ fn stop_interrupts_a_tcp_connect_that_gets_no_answer() {
     let started = Instant::now();
     agent.stop();
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(5), "stop took {took:?} during a tcp connect");
+    // A connect attempt lasts up to 3 s (std cannot interrupt one): 8 s leaves room for a slow
+    // machine, and is still far inside systemd's 20 s.
+    assert!(took < Duration::from_secs(8), "stop took {took:?} during a tcp connect");
     drop(queued);
 }
 
