@@ -269,9 +269,9 @@ pub fn connect_until_stopped(
         match upgrade {
             Ok((ws, _response)) => break ws,
             Err(tungstenite::HandshakeError::Interrupted(mid)) => {
-                // The request is a few hundred bytes and went out whole; what is missing is the
-                // answer. (Were it a write that blocked, the next try after a wait goes on with it.)
-                dial_wait.wait(Interest::Read, "websocket upgrade")?;
+                // Mostly the answer is missing, but tungstenite does not say whether a read or
+                // a write blocked: try again when bytes arrive, or after a slice at the latest.
+                dial_wait.pause(Interest::Read, "websocket upgrade")?;
                 upgrade = mid.handshake();
             }
             Err(e) => return Err(upgrade_error(server, e)),
@@ -340,24 +340,26 @@ impl DialWait<'_> {
     /// Waits until the socket is ready for `interest`, in slices of [`DIAL_STOP_CHECK`] so a stop
     /// is seen; fails once the dial's deadline has passed (`Timeout`) or on a stop (`Stopped`).
     fn wait(&self, interest: Interest, doing: &str) -> Result<()> {
-        loop {
-            if is_stopping(self.stop) {
-                return Err(ErrorKind::Stopped.msg(format!("{doing} with {}", self.server)));
-            }
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ErrorKind::Timeout.msg(format!(
-                    "{doing} with {}: not done within handshakeTimeout ({:.1} s)",
-                    self.server,
-                    self.timeout.as_secs_f64()
-                )));
-            }
-            let ready = poll::wait(self.socket, interest, left.min(DIAL_STOP_CHECK))
-                .map_err(|e| ErrorKind::Io.msg("poll socket").src(e))?;
-            if ready {
-                return Ok(());
-            }
+        while !self.pause(interest, doing)? {}
+        Ok(())
+    }
+
+    /// One slice of [`DialWait::wait`]: waits at most [`DIAL_STOP_CHECK`], and says whether the
+    /// socket became ready.
+    fn pause(&self, interest: Interest, doing: &str) -> Result<bool> {
+        if is_stopping(self.stop) {
+            return Err(ErrorKind::Stopped.msg(format!("{doing} with {}", self.server)));
         }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::Timeout.msg(format!(
+                "{doing} with {}: not done within handshakeTimeout ({:.1} s)",
+                self.server,
+                self.timeout.as_secs_f64()
+            )));
+        }
+        poll::wait(self.socket, interest, left.min(DIAL_STOP_CHECK))
+            .map_err(|e| ErrorKind::Io.msg("poll socket").src(e))
     }
 }
 
