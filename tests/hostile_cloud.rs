@@ -242,10 +242,12 @@ fn pings_from_a_cloud_that_never_reads_do_not_keep_the_link_alive() {
     config.websocket.write_deadline = Seconds(Duration::from_secs(30));
     let agent = Agent::start(config, vec![]).unwrap();
     server.wait_accepted();
-    wait_until("the session to start", || Status::get(&agent.status().sessions) == 1);
+    wait_until("the session to start", || Status::get(&agent.status().sessions) >= 1);
     let started = Instant::now();
-    // READ_DEADLINE is 1.2 s; PATIENCE (10 s) is the slack.
-    wait_until("the read deadline to end the session", || !agent.status().is_connected());
+    // READ_DEADLINE is 1.2 s; PATIENCE (10 s) is the slack. A redial follows 0.6 s later.
+    wait_until("the read deadline to end the session", || {
+        !agent.status().is_connected() || Status::get(&agent.status().sessions) >= 2
+    });
     eprintln!("session ended {:?} after it started", started.elapsed());
     agent.stop();
 }
@@ -337,7 +339,10 @@ fn message_with_an_overlong_msg_id_is_refused_and_the_next_goes_through() {
         SimEvent::Ack { parent_id, .. } if *parent_id == normal.header.id => Some(()),
         _ => None,
     });
-    assert_eq!(Status::get(&agent.status().acks_sent), 1);
+    // The module had the normal message only (a re-send of it is ACKed again, not delivered).
+    while let Ok(msg) = received.try_recv() {
+        assert_ne!(msg.header.id, long.header.id, "the long id reached the module");
+    }
     agent.stop();
 }
 
