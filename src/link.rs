@@ -35,6 +35,18 @@ const READ_BUFFER_BYTES: usize = 8 << 10;
 const WRITE_BUFFER_BYTES: usize = 16 << 10;
 /// Largest upgrade-failure body we quote in an error.
 const MAX_QUOTED_BODY: usize = 512;
+/// While reading, tungstenite queues a pong for every ping (RFC 6455) into its write buffer. A
+/// cloud that pings and never reads would grow that buffer without end, so while reading the
+/// buffer may hold at most this many bytes: past it a pong waits in tungstenite's one-frame slot,
+/// where a newer pong replaces it (RFC 6455 allows answering only the latest ping).
+const MAX_PENDING_PONG_BYTES: usize = 64 << 10;
+/// A dial in progress looks at the stop signal at least this often.
+const DIAL_STOP_CHECK: Duration = Duration::from_millis(100);
+/// Longest single TCP connect attempt: std cannot interrupt a connect, so within
+/// `handshakeTimeout` a dial retries in attempts this long, and a stop waits at most this for a
+/// connect to a black hole. An attempt sends the SYN twice (Linux retransmits after 1 s), so any
+/// path with a round trip under about 2 s connects within one.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
 
 /// The cipher list of openssl's `SslConnector` (Python's defaults): no anonymous, null or weak
 /// ciphers. TLS 1.3 suites are OpenSSL's defaults.
@@ -42,14 +54,16 @@ const CIPHER_LIST: &str = "DEFAULT:!aNULL:!eNULL:!MD5:!3DES:!DES:!RC4:!IDEA:!SEE
 
 type Stream = SslStream<TcpStream>;
 
-/// A whole WebSocket message read from the cloud, or a sign of life.
+/// A whole WebSocket message read from the cloud, or pings.
 #[derive(Debug)]
 pub enum Incoming {
     /// A text or binary data message (gorilla's `ReadJSON` takes both).
     Data(Vec<u8>),
-    /// A pong, with the payload of the ping it answers.
+    /// A pong, with the payload of the ping it answers: the cloud read our ping.
     Pong(Vec<u8>),
-    /// A ping (answered by tungstenite): proof the link is alive.
+    /// One or more pings in a row (answered by tungstenite, and reported once per run so a ping
+    /// flood costs no memory here). A ping shows the peer sends, not that it reads what we send,
+    /// so it is no proof the link is alive (see the reader in `session`).
     Control,
 }
 
@@ -171,35 +185,62 @@ fn read_file(key: &str, path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Dials CloudHub: TCP connect, TLS handshake and WebSocket upgrade, all within
-/// `websocket.handshakeTimeout`.
+/// `websocket.handshakeTimeout`. Not interruptible: see [`connect_until_stopped`].
+///
+/// # Errors
+/// As [`connect_until_stopped`].
+pub fn connect(config: &Config, tls: &SslContext) -> Result<Link> {
+    connect_until_stopped(config, tls, &crossbeam_channel::never())
+}
+
+/// Dials CloudHub: TCP connect, TLS handshake and WebSocket upgrade, all within one deadline,
+/// `websocket.handshakeTimeout` from now, however slowly the server trickles its bytes (the
+/// handshakes run on a non-blocking socket, waiting with poll(2) for at most what is left). A
+/// `stop` that fires or disconnects ends the dial within [`DIAL_STOP_CHECK`] (a TCP connect
+/// attempt within [`CONNECT_ATTEMPT`]).
 ///
 /// # Errors
 /// `Handshake` (resolve, connect or upgrade refused, with the HTTP status and body), `Tls`
-/// (certificates, verification), `Timeout` (the handshake deadline passed).
-pub fn connect(config: &Config, tls: &SslContext) -> Result<Link> {
+/// (certificates, verification), `Timeout` (the handshake deadline passed), `Stopped`.
+pub fn connect_until_stopped(
+    config: &Config,
+    tls: &SslContext,
+    stop: &crossbeam_channel::Receiver<()>,
+) -> Result<Link> {
     let server = &config.websocket.server;
-    let deadline = Instant::now() + config.websocket.handshake_timeout.0;
-    let tcp = dial(server, deadline)?;
+    let timeout = config.websocket.handshake_timeout.0;
+    let deadline = Instant::now() + timeout;
+    let tcp = dial(server, deadline, stop)?;
     let socket = tcp.try_clone().map_err(|e| ErrorKind::Io.msg("clone socket").src(e))?;
-    set_timeouts(&tcp, deadline)?;
+    tcp.set_nonblocking(true).map_err(|e| ErrorKind::Io.msg("set non-blocking").src(e))?;
+    let dial_wait = DialWait { socket: &socket, server, deadline, timeout, stop };
 
     let handshake_err = || ErrorKind::Tls.msg(format!("tls handshake with {server}"));
     let ssl = tls_session(tls, host_of(server)).map_err(|e| handshake_err().src(e))?;
-    let tls_stream = match ssl.connect(tcp) {
-        Ok(s) => s,
-        Err(HandshakeError::SetupFailure(e)) => return Err(handshake_err().src(e)),
-        Err(HandshakeError::Failure(mid)) => {
-            // Say why verification failed, as the bare OpenSSL error does not.
-            let verify = mid.ssl().verify_result();
-            let e = mid.into_error();
-            return Err(if verify == X509VerifyResult::OK {
-                handshake_err().src(e)
-            } else {
-                handshake_err().src(format!("{e} ({})", verify.error_string()))
-            });
-        }
-        Err(HandshakeError::WouldBlock(_)) => {
-            return Err(ErrorKind::Timeout.msg(format!("tls handshake with {server}")));
+    let mut handshake = ssl.connect(tcp);
+    let tls_stream = loop {
+        match handshake {
+            Ok(s) => break s,
+            Err(HandshakeError::SetupFailure(e)) => return Err(handshake_err().src(e)),
+            Err(HandshakeError::Failure(mid)) => {
+                // Say why verification failed, as the bare OpenSSL error does not.
+                let verify = mid.ssl().verify_result();
+                let e = mid.into_error();
+                return Err(if verify == X509VerifyResult::OK {
+                    handshake_err().src(e)
+                } else {
+                    handshake_err().src(format!("{e} ({})", verify.error_string()))
+                });
+            }
+            Err(HandshakeError::WouldBlock(mid)) => {
+                let interest = if mid.error().code() == openssl::ssl::ErrorCode::WANT_WRITE {
+                    Interest::Write
+                } else {
+                    Interest::Read
+                };
+                dial_wait.wait(interest, "tls handshake")?;
+                handshake = mid.handshake();
+            }
         }
     };
 
@@ -223,15 +264,21 @@ pub fn connect(config: &Config, tls: &SslContext) -> Result<Link> {
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes));
-    let (ws, _response) =
-        tungstenite::client::client_with_config(request, tls_stream, Some(ws_config))
-            .map_err(|e| upgrade_error(server, e))?;
+    let mut upgrade = tungstenite::client::client_with_config(request, tls_stream, Some(ws_config));
+    let ws = loop {
+        match upgrade {
+            Ok((ws, _response)) => break ws,
+            Err(tungstenite::HandshakeError::Interrupted(mid)) => {
+                // Mostly the answer is missing, but tungstenite does not say whether a read or
+                // a write blocked: try again when bytes arrive, or after a slice at the latest.
+                dial_wait.pause(Interest::Read, "websocket upgrade")?;
+                upgrade = mid.handshake();
+            }
+            Err(e) => return Err(upgrade_error(server, e)),
+        }
+    };
 
-    // From here on the socket is non-blocking; deadlines are kept by poll(2).
-    let raw = ws.get_ref().get_ref();
-    raw.set_read_timeout(None).map_err(|e| ErrorKind::Io.msg("clear read timeout").src(e))?;
-    raw.set_write_timeout(None).map_err(|e| ErrorKind::Io.msg("clear write timeout").src(e))?;
-    raw.set_nonblocking(true).map_err(|e| ErrorKind::Io.msg("set non-blocking").src(e))?;
+    // The socket stays non-blocking; deadlines are kept by poll(2).
     Ok(Link {
         ws: Mutex::new(ws),
         socket,
@@ -240,35 +287,80 @@ pub fn connect(config: &Config, tls: &SslContext) -> Result<Link> {
     })
 }
 
-fn dial(server: &str, deadline: Instant) -> Result<TcpStream> {
+/// TCP connect to the first address of `server` that answers, before `deadline`, in attempts of
+/// at most [`CONNECT_ATTEMPT`] so that `stop` is seen between them.
+fn dial(
+    server: &str,
+    deadline: Instant,
+    stop: &crossbeam_channel::Receiver<()>,
+) -> Result<TcpStream> {
     let addrs = server
         .to_socket_addrs()
         .map_err(|e| ErrorKind::Handshake.msg(format!("resolve {server}")).src(e))?;
     let mut last = ErrorKind::Handshake.msg(format!("resolve {server}: no addresses"));
     for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ErrorKind::Timeout.msg(format!("connect {server}")));
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(tcp) => {
-                let _ = tcp.set_nodelay(true); // small JSON frames: latency over batching
-                return Ok(tcp);
+        loop {
+            if is_stopping(stop) {
+                return Err(ErrorKind::Stopped.msg(format!("connect {addr}")));
             }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                last = ErrorKind::Timeout.msg(format!("connect {addr}")).src(e)
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::Timeout.msg(format!("connect {server}")));
             }
-            Err(e) => last = ErrorKind::Handshake.msg(format!("connect {addr}")).src(e),
+            match TcpStream::connect_timeout(&addr, left.min(CONNECT_ATTEMPT)) {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true); // small JSON frames: latency over batching
+                    return Ok(tcp);
+                }
+                // Another attempt while the deadline allows (see CONNECT_ATTEMPT).
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
+                Err(e) => last = ErrorKind::Handshake.msg(format!("connect {addr}")).src(e),
+            }
+            break;
         }
     }
     Err(last)
 }
 
-fn set_timeouts(tcp: &TcpStream, deadline: Instant) -> Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    tcp.set_read_timeout(Some(left))
-        .and_then(|_| tcp.set_write_timeout(Some(left)))
-        .map_err(|e| ErrorKind::Io.msg("set handshake timeout").src(e))
+/// True once `stop` fired or its sender is gone.
+fn is_stopping(stop: &crossbeam_channel::Receiver<()>) -> bool {
+    !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty))
+}
+
+/// The one deadline of a dial, and its stop signal.
+struct DialWait<'a> {
+    socket: &'a TcpStream,
+    server: &'a str,
+    deadline: Instant,
+    timeout: Duration,
+    stop: &'a crossbeam_channel::Receiver<()>,
+}
+
+impl DialWait<'_> {
+    /// Waits until the socket is ready for `interest`, in slices of [`DIAL_STOP_CHECK`] so a stop
+    /// is seen; fails once the dial's deadline has passed (`Timeout`) or on a stop (`Stopped`).
+    fn wait(&self, interest: Interest, doing: &str) -> Result<()> {
+        while !self.pause(interest, doing)? {}
+        Ok(())
+    }
+
+    /// One slice of [`DialWait::wait`]: waits at most [`DIAL_STOP_CHECK`], and says whether the
+    /// socket became ready.
+    fn pause(&self, interest: Interest, doing: &str) -> Result<bool> {
+        if is_stopping(self.stop) {
+            return Err(ErrorKind::Stopped.msg(format!("{doing} with {}", self.server)));
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::Timeout.msg(format!(
+                "{doing} with {}: not done within handshakeTimeout ({:.1} s)",
+                self.server,
+                self.timeout.as_secs_f64()
+            )));
+        }
+        poll::wait(self.socket, interest, left.min(DIAL_STOP_CHECK))
+            .map_err(|e| ErrorKind::Io.msg("poll socket").src(e))
+    }
 }
 
 /// The host part of `host:port` or `[v6]:port`, as used for certificate verification.
@@ -326,6 +418,37 @@ fn map_ws_error(e: tungstenite::Error, doing: &str) -> Error {
     }
 }
 
+/// The stream, locked for reading: our own frames are bounded by the outbox, and what tungstenite
+/// queues by itself while reading (pongs) may only fill its write buffer up to
+/// [`MAX_PENDING_PONG_BYTES`]. The writer, when it has the lock, has no such limit.
+struct PongBound<'a>(MutexGuard<'a, WebSocket<Stream>>);
+
+impl<'a> PongBound<'a> {
+    fn new(mut ws: MutexGuard<'a, WebSocket<Stream>>) -> PongBound<'a> {
+        ws.set_config(|c| c.max_write_buffer_size = MAX_PENDING_PONG_BYTES);
+        PongBound(ws)
+    }
+}
+
+impl Drop for PongBound<'_> {
+    fn drop(&mut self) {
+        self.0.set_config(|c| c.max_write_buffer_size = usize::MAX);
+    }
+}
+
+impl std::ops::Deref for PongBound<'_> {
+    type Target = WebSocket<Stream>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PongBound<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
@@ -362,7 +485,7 @@ impl Link {
     /// `Closed` when the cloud closed or reset; `Protocol` for broken framing or a message over
     /// `maxMessageBytes` (the stream cannot be resynchronised after either).
     pub fn read_available(&self, out: &mut Vec<Incoming>) -> Result<()> {
-        let mut ws = self.lock();
+        let mut ws = PongBound::new(self.lock());
         loop {
             match ws.read() {
                 Ok(tungstenite::Message::Text(text)) => {
@@ -375,6 +498,7 @@ impl Link {
                 Ok(tungstenite::Message::Pong(payload)) => {
                     out.push(Incoming::Pong(payload.to_vec()))
                 }
+                Ok(_) if matches!(out.last(), Some(Incoming::Control)) => {}
                 Ok(_) => out.push(Incoming::Control),
                 Err(e) if would_block(&e) => return Ok(()),
                 Err(e) => return Err(map_ws_error(e, "read")),

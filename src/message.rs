@@ -46,6 +46,25 @@ pub const CLOUD_DISCONNECTED: &str = "cloud_disconnected";
 /// Resource of the local connection events.
 pub const CONNECTION_RESOURCE: &str = "node/connection";
 
+/// Longest `resource` an ACK or control answer copies from the message it answers (a KubeEdge
+/// resource `<ns>/<type>/<name>` is at most about 330 bytes).
+pub const MAX_REPLY_RESOURCE_BYTES: usize = 1024;
+/// Longest `source`, `group` or `type` an ACK or control answer copies (KubeEdge's are module and
+/// group names such as `edgecontroller`).
+pub const MAX_REPLY_FIELD_BYTES: usize = 128;
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// `header` of a wire message. Key order and `omitempty` follow Go's `model.MessageHeader`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -236,14 +255,42 @@ impl Message {
         }
     }
 
-    /// The ACK CloudHub expects for an ack-queue message: a response with content `"OK"` (§4.5).
+    /// The ACK CloudHub expects for an ack-queue message: a response with content `"OK"` (§4.5),
+    /// its copied fields cut as [`Message::bounded_reply`] says.
     pub fn ack(&self) -> Message {
-        self.response_to(text_content(CONTENT_OK))
+        self.bounded_reply(text_content(CONTENT_OK))
     }
 
-    /// The answer to a viaduct control operation: a response with content `"ack"` (§2.8).
+    /// The answer to a viaduct control operation: a response with content `"ack"` (§2.8), its
+    /// copied fields cut as [`Message::bounded_reply`] says.
     pub fn control_ack(&self) -> Message {
-        self.response_to(text_content(CONTENT_CONTROL_ACK))
+        self.bounded_reply(text_content(CONTENT_CONTROL_ACK))
+    }
+
+    /// [`Message::response_to`] for the answers the agent makes by itself (ACKs, control
+    /// answers), which the cloud could otherwise inflate: the copied `resource` is cut to
+    /// [`MAX_REPLY_RESOURCE_BYTES`] and `source`, `group` and `type` to [`MAX_REPLY_FIELD_BYTES`].
+    /// CloudHub matches an ACK on `operation` and `parent_msg_id` alone (§4.5), and looks at the
+    /// resource only for its CSI prefix `<ns>/volume/<name>` (§4.2), which the cut keeps; real
+    /// KubeEdge fields are far shorter than these limits, so a normal ACK is never changed.
+    pub fn bounded_reply(&self, content: Box<RawValue>) -> Message {
+        Message {
+            header: Header {
+                id: new_uuid(),
+                parent_id: self.header.id.clone(),
+                timestamp: now_millis(),
+                resource_version: String::new(),
+                message_type: cut(&self.header.message_type, MAX_REPLY_FIELD_BYTES).to_owned(),
+            },
+            route: Route {
+                source: cut(&self.route.source, MAX_REPLY_FIELD_BYTES).to_owned(),
+                destination: String::new(),
+                group: cut(&self.route.group, MAX_REPLY_FIELD_BYTES).to_owned(),
+                operation: operation::RESPONSE.to_owned(),
+                resource: cut(&self.route.resource, MAX_REPLY_RESOURCE_BYTES).to_owned(),
+            },
+            content,
+        }
     }
 
     /// The exact keepalive of protocol §1.6 A.
@@ -491,5 +538,41 @@ mod tests {
         )
         .unwrap();
         assert!(!t.needs_ack());
+    }
+
+    /// Issue 11 item 3: an ACK or control answer copies at most the bounded fields, so a cloud
+    /// cannot make each reply megabytes long; a normal ACK is exactly Go's `NewRespByMessage`.
+    #[test]
+    fn replies_copy_bounded_fields_and_normal_acks_are_untouched() {
+        let b1 = Message::decode(B1.as_bytes()).unwrap();
+        let ack = b1.ack();
+        let full = b1.response_to(text_content(CONTENT_OK));
+        assert_eq!((&ack.route, &ack.header.parent_id), (&full.route, &full.header.parent_id));
+        assert_eq!(ack.header.message_type, full.header.message_type);
+
+        let mut huge = b1.clone();
+        huge.route.resource = format!("ns/volume/{}", "r".repeat(4 << 20));
+        huge.route.source = "s".repeat(4 << 20);
+        huge.route.group = "g".repeat(4 << 20);
+        huge.header.message_type = "t".repeat(4 << 20);
+        huge.route.operation = operation::CONTROL_PING.to_owned();
+        for reply in [huge.ack(), huge.control_ack()] {
+            assert_eq!(reply.header.parent_id, b1.header.id, "the ACK still matches");
+            assert_eq!(reply.route.operation, operation::RESPONSE);
+            assert_eq!(reply.route.resource.len(), MAX_REPLY_RESOURCE_BYTES);
+            assert!(reply.route.resource.starts_with("ns/volume/r"), "the CSI prefix is kept");
+            assert_eq!(reply.route.source.len(), MAX_REPLY_FIELD_BYTES);
+            assert_eq!(reply.route.group.len(), MAX_REPLY_FIELD_BYTES);
+            assert_eq!(reply.header.message_type.len(), MAX_REPLY_FIELD_BYTES);
+            assert!(reply.encoded_len_hint() < 2 * MAX_REPLY_RESOURCE_BYTES);
+        }
+    }
+
+    #[test]
+    fn cut_ends_on_a_character_boundary() {
+        assert_eq!(cut("abc", 3), "abc");
+        assert_eq!(cut("abc", 2), "ab");
+        assert_eq!(cut("aé", 2), "a", "é is two bytes");
+        assert_eq!(cut("", 0), "");
     }
 }

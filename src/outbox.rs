@@ -19,7 +19,8 @@
 //!   so duplicates can be recognised), never lost;
 //! - at most `CONFIRM_WINDOW` messages are in flight; the window counts toward the bounds;
 //! - `urgent` (ACKs, control answers) is served first, skips the rate limit and is not spooled:
-//!   when full its oldest is dropped and counted (the cloud re-sends what it did not see ACKed,
+//!   it holds at most `URGENT_CAP` messages and `URGENT_MAX_BYTES` bytes, and when a push would
+//!   pass either its oldest are dropped and counted (the cloud re-sends what it did not see ACKed,
 //!   protocol §4.4, so losing an ACK costs a resend, not data);
 //! - `normal` is rate limited by a token bucket of `messageQPS` / `messageBurst`, so a backlog
 //!   drains at that rate after a reconnect, not as a flood.
@@ -36,6 +37,9 @@ use std::time::{Duration, Instant};
 
 /// Bound of the urgent lane (ACKs and control answers).
 pub const URGENT_CAP: usize = 4096;
+/// Byte bound of the urgent lane (encoded size). An ACK is a few hundred bytes, and at most about
+/// 1.5 KiB with the fields it copies cut (`Message::bounded_reply`), so this holds thousands.
+pub const URGENT_MAX_BYTES: usize = 1 << 20;
 /// Done records are batched: written when this many are waiting, or when the queue runs empty.
 const DONE_BATCH: usize = 64;
 /// Written-but-unconfirmed messages at most; the writer then waits for a pong.
@@ -177,6 +181,8 @@ struct Entry {
 #[derive(Debug)]
 struct State {
     urgent: VecDeque<Message>,
+    /// Encoded bytes of `urgent` (`encoded_len_hint`), kept within `URGENT_MAX_BYTES`.
+    urgent_bytes: usize,
     /// Ordered by `seq`. Entries are replaced in place (coalescing), never removed from the middle.
     normal: VecDeque<Entry>,
     normal_bytes: usize,
@@ -251,6 +257,7 @@ impl Outbox {
         let outbox = Outbox {
             state: Mutex::new(State {
                 urgent: VecDeque::new(),
+                urgent_bytes: 0,
                 normal: VecDeque::new(),
                 normal_bytes: 0,
                 latest: HashMap::new(),
@@ -415,22 +422,46 @@ impl Outbox {
     /// Queues an ACK or control answer in the urgent lane; if the lane is full the oldest is
     /// dropped and counted (see the type's invariants for why that is safe).
     pub fn push_urgent(&self, message: Message) {
+        let size = message.encoded_len_hint();
+        if size > URGENT_MAX_BYTES {
+            // Only a caller bypassing `Message::bounded_reply` gets here: the lane could hold
+            // nothing else.
+            log::warn!("outbox: urgent message of {size} bytes over {URGENT_MAX_BYTES}, dropped");
+            self.counters.urgent_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut state = self.lock();
-        if state.urgent.len() >= URGENT_CAP {
-            if let Some(old) = state.urgent.pop_front() {
-                log::warn!("outbox: urgent lane full ({URGENT_CAP}), dropped {old:?}");
-                self.counters.urgent_dropped.fetch_add(1, Ordering::Relaxed);
+        let mut dropped = 0;
+        while state.urgent.len() >= URGENT_CAP || state.urgent_bytes + size > URGENT_MAX_BYTES {
+            let Some(old) = state.urgent.pop_front() else { break };
+            state.urgent_bytes -= old.encoded_len_hint();
+            dropped += 1;
+            if dropped == 1 {
+                log::warn!(
+                    "outbox: urgent lane full ({URGENT_CAP} messages or {URGENT_MAX_BYTES} \
+                     bytes), dropped {old:?}"
+                );
             }
         }
+        if dropped > 0 {
+            self.counters.urgent_dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+        state.urgent_bytes += size;
         state.urgent.push_back(message);
         drop(state);
         self.ring();
+    }
+
+    /// Encoded bytes waiting in the urgent lane.
+    pub fn urgent_bytes(&self) -> usize {
+        self.lock().urgent_bytes
     }
 
     /// Takes the next message to write, honouring lane priority, TTL and the rate limit.
     pub fn next(&self, now: Instant) -> Next {
         let mut state = self.lock();
         if let Some(message) = state.urgent.pop_front() {
+            state.urgent_bytes -= message.encoded_len_hint();
             return Next::Ready(Taken {
                 message,
                 lane: Lane::Urgent,
@@ -573,7 +604,10 @@ impl Outbox {
     pub fn put_back(&self, taken: Taken) {
         let mut state = self.lock();
         match taken.lane {
-            Lane::Urgent => state.urgent.push_front(taken.message),
+            Lane::Urgent => {
+                state.urgent_bytes += taken.message.encoded_len_hint();
+                state.urgent.push_front(taken.message);
+            }
             Lane::Normal => {
                 let entry = Entry {
                     size: taken.message.encoded_len_hint(),
@@ -772,6 +806,38 @@ mod tests {
         }
         assert_eq!(o.counters.urgent_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(take(&o).message.route.resource, "default/x/1");
+    }
+
+    /// Issue 11 item 3: the urgent lane is bounded by bytes as well as by count; a push that
+    /// would pass the byte bound drops the oldest until it fits, and taking or putting back keeps
+    /// the byte count exact.
+    #[test]
+    fn urgent_lane_is_bounded_by_bytes_and_drops_oldest() {
+        let o = Outbox::new(limits(1));
+        let big = |n: usize| {
+            let mut m = msg(n);
+            m.route.resource = format!("default/x/{n:03}/{}", "r".repeat(100 << 10));
+            m
+        };
+        let size = big(0).encoded_len_hint();
+        let fit = URGENT_MAX_BYTES / size;
+        for n in 0..fit + 5 {
+            o.push_urgent(big(n));
+            assert!(o.urgent_bytes() <= URGENT_MAX_BYTES);
+        }
+        assert_eq!(o.counters.urgent_dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(o.len(), fit);
+        let first = take(&o);
+        assert!(first.message.route.resource.starts_with("default/x/005/"), "oldest went first");
+        assert_eq!(o.urgent_bytes(), (fit - 1) * size);
+        o.put_back(first);
+        assert_eq!(o.urgent_bytes(), fit * size);
+
+        let mut huge = msg(99);
+        huge.route.resource = "h".repeat(URGENT_MAX_BYTES + 1);
+        o.push_urgent(huge);
+        assert_eq!(o.counters.urgent_dropped.load(Ordering::Relaxed), 6);
+        assert_eq!(o.len(), fit, "a message over the whole bound displaces nothing");
     }
 
     #[test]

@@ -29,6 +29,16 @@ pub mod bus_group {
 /// Upper bound on requests waiting for a response at once.
 pub const MAX_PENDING_REQUESTS: usize = 1024;
 
+/// Longest `msg_id` or `parent_msg_id` accepted from the cloud. KubeEdge's are 36-byte UUIDs; an
+/// id is copied into the redelivery memory and into every ACK or control answer, so a longer one
+/// is refused (logged, counted as malformed, not delivered, not ACKed): no KubeEdge cloud sends it.
+pub const MAX_MSG_ID_BYTES: usize = 128;
+
+/// True when both IDs of `msg` are within [`MAX_MSG_ID_BYTES`].
+pub fn ids_within_bounds(msg: &Message) -> bool {
+    msg.header.id.len() <= MAX_MSG_ID_BYTES && msg.header.parent_id.len() <= MAX_MSG_ID_BYTES
+}
+
 /// Where the table sends a message (protocol §3.5, HEAD column).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -224,11 +234,16 @@ impl Pending {
 /// (every 5 s until it sees the ACK, protocol §4.4) reach the module once: a re-send of a message
 /// the module is still working on is dropped, and one it already ACKed is ACKed again here.
 /// A module that could not apply a message calls `Hub::release` so the next re-send gets through.
-/// Bounded: the oldest IDs are forgotten first.
+/// Bounded: at most [`REDELIVERY_MEMORY`] IDs of at most [`MAX_MSG_ID_BYTES`] each, every one
+/// stored once (shared by the map and the age queue), so well under 1 MiB in all; the oldest IDs
+/// are forgotten first, and a longer ID is never remembered.
 #[derive(Debug, Default)]
 pub struct Redeliveries {
-    seen: Mutex<(HashMap<String, bool>, std::collections::VecDeque<String>)>,
+    seen: Mutex<SeenIds>,
 }
+
+/// ID → ACKed yet, and the IDs oldest first; both hold the same `Arc`, so each ID is stored once.
+type SeenIds = (HashMap<Arc<str>, bool>, std::collections::VecDeque<Arc<str>>);
 
 /// Message IDs remembered for re-send detection.
 pub const REDELIVERY_MEMORY: usize = 4096;
@@ -245,16 +260,17 @@ pub enum Seen {
 }
 
 impl Redeliveries {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (HashMap<String, bool>, std::collections::VecDeque<String>)>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeenIds> {
         // Plain maps: a panic elsewhere cannot leave them half-updated.
         self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Records `msg_id` as delivered if new, and says what to do with it.
+    /// Records `msg_id` as delivered if new, and says what to do with it. An ID over
+    /// [`MAX_MSG_ID_BYTES`] is not remembered (the router refuses such messages before this).
     pub fn check(&self, msg_id: &str) -> Seen {
+        if msg_id.len() > MAX_MSG_ID_BYTES {
+            return Seen::New;
+        }
         let mut guard = self.lock();
         let (seen, order) = &mut *guard;
         match seen.get(msg_id) {
@@ -266,8 +282,9 @@ impl Redeliveries {
                         seen.remove(&old);
                     }
                 }
-                seen.insert(msg_id.to_owned(), false);
-                order.push_back(msg_id.to_owned());
+                let id: Arc<str> = Arc::from(msg_id);
+                seen.insert(Arc::clone(&id), false);
+                order.push_back(id);
                 Seen::New
             }
         }
@@ -280,12 +297,21 @@ impl Redeliveries {
         }
     }
 
+    /// IDs remembered.
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The module gave `msg_id` up: let the next re-send through.
     pub fn release(&self, msg_id: &str) {
         let mut guard = self.lock();
         let (seen, order) = &mut *guard;
         if seen.remove(msg_id).is_some() {
-            order.retain(|id| id != msg_id);
+            order.retain(|id| &**id != msg_id);
         }
     }
 }
@@ -323,6 +349,19 @@ impl Router {
     /// Routes one message from the cloud. Blocks only while a module inbox is full, and returns
     /// `Err(Stopped)` if `stop` fires (or is dropped) during that wait.
     pub fn dispatch(&self, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
+        if !ids_within_bounds(&msg) {
+            log::warn!(
+                "dropping message from cloud: msg_id of {} bytes or parent_msg_id of {} bytes is \
+                 longer than {MAX_MSG_ID_BYTES} (KubeEdge's are 36-byte UUIDs): {} {} {}",
+                msg.header.id.len(),
+                msg.header.parent_id.len(),
+                crate::logging::shown(&msg.route.group),
+                crate::logging::shown(&msg.route.operation),
+                crate::logging::shown(&msg.route.resource),
+            );
+            Status::bump(&self.status.malformed);
+            return Ok(());
+        }
         // A reply whose request still waits goes to it, whatever its group: ref EdgeHub's rule
         // (protocol §3.5 step 1) for the answers HEAD hands to a group, such as devicecontroller's
         // group-`twin` "OK" to an `edge_updated` request. Unparented or unawaited: the table.
@@ -606,5 +645,33 @@ mod redelivery_tests {
         }
         assert_eq!(r.check("0"), Seen::New, "the oldest was forgotten");
         assert_eq!(r.check(&REDELIVERY_MEMORY.to_string()), Seen::InProgress);
+    }
+
+    /// Issue 11 item 4: a cloud-chosen ID over the limit is never remembered (it used to be kept
+    /// twice, at any size), and one at the limit still is.
+    #[test]
+    fn ids_over_the_limit_are_not_remembered() {
+        let r = Redeliveries::default();
+        let huge = "x".repeat(4 << 20);
+        assert_eq!(r.check(&huge), Seen::New);
+        assert_eq!(r.check(&huge), Seen::New);
+        assert!(r.is_empty());
+        let longest = "y".repeat(MAX_MSG_ID_BYTES);
+        assert_eq!(r.check(&longest), Seen::New);
+        assert_eq!(r.check(&longest), Seen::InProgress);
+        assert_eq!(r.len(), 1);
+        r.release(&longest);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn messages_with_ids_over_the_limit_are_out_of_bounds() {
+        let mut msg = Message::with_text(crate::message::Route::default(), "x");
+        assert!(ids_within_bounds(&msg), "a fresh UUID is within bounds");
+        msg.header.id = "i".repeat(MAX_MSG_ID_BYTES + 1);
+        assert!(!ids_within_bounds(&msg));
+        msg.header.id = "i".repeat(MAX_MSG_ID_BYTES);
+        msg.header.parent_id = "p".repeat(MAX_MSG_ID_BYTES + 1);
+        assert!(!ids_within_bounds(&msg));
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! Threads and channels of a session:
 //! - reader: poll(2) on the socket without the lock, drain frames, decode, `Router::dispatch`;
-//!   it also keeps the read deadline (no frame for `readDeadline` = dead link);
+//!   it also keeps the read deadline (no data message and no pong for `readDeadline` = dead
+//!   link; the cloud's own pings do not count, as a peer can ping while never reading);
 //! - writer: pulls from the shared `Outbox` (urgent lane first, token bucket on the rest), waiting
 //!   on the outbox bell; a failed write puts the message back at the head (§8 W1);
 //! - heartbeat: a keepalive at once and every `heartbeat`, a WebSocket ping every readDeadline/3,
@@ -51,7 +52,8 @@ const MAX_QUOTED_FRAME: usize = 200;
 pub enum ExitReason {
     /// The agent is stopping.
     Stopped,
-    /// No frame at all arrived within `readDeadline` (half-open link).
+    /// No data message and no pong arrived within `readDeadline` (half-open link, or a cloud that
+    /// no longer reads).
     ReadDeadline(Duration),
     /// Reading failed (closed, reset, broken framing, oversized message).
     Read(Error),
@@ -68,7 +70,11 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::Stopped => f.write_str("agent stopping"),
             ExitReason::ReadDeadline(d) => {
-                write!(f, "no frame from the cloud for {:.1} s (readDeadline)", d.as_secs_f64())
+                write!(
+                    f,
+                    "no message or pong from the cloud for {:.1} s (readDeadline)",
+                    d.as_secs_f64()
+                )
             }
             ExitReason::Read(e) => write!(f, "read failed: {e}"),
             ExitReason::Write(e) => write!(f, "write failed: {e}"),
@@ -124,7 +130,7 @@ impl Supervisor {
             if is_stopping(&stop) {
                 break;
             }
-            match self.dial() {
+            match self.dial(&stop) {
                 Ok(link) => {
                     let sessions =
                         self.status.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -158,6 +164,10 @@ impl Supervisor {
                     if matches!(reason, ExitReason::Stopped) {
                         break;
                     }
+                }
+                Err(e) if e.kind() == crate::error::ErrorKind::Stopped => {
+                    log::info!("dial interrupted: {e}");
+                    break;
                 }
                 Err(e) => {
                     Status::bump(&self.status.dial_failures);
@@ -195,7 +205,8 @@ impl Supervisor {
         log::info!("edgehub supervisor stopped");
     }
 
-    fn dial(&self) -> Result<Link, Error> {
+    /// Dials within `handshakeTimeout`; a stop ends the dial at once (`ErrorKind::Stopped`).
+    fn dial(&self, stop: &Receiver<()>) -> Result<Link, Error> {
         // Certificates are re-read on every dial, so a rotated pair is used at once. Under the
         // pair lock, so a rotation cannot switch the pair between the reads; a reconnect signal
         // sent before these reads is for the pair read here, so it is dropped.
@@ -204,7 +215,7 @@ impl Supervisor {
             while self.reconnect.try_recv().is_ok() {}
             link::tls_connector(&self.config)?
         };
-        let link = link::connect(&self.config, &tls)?;
+        let link = link::connect_until_stopped(&self.config, &tls, stop)?;
         if let Ok(info) = certs::usable(&self.config) {
             let not_after = u32::try_from(info.not_after.max(0)).unwrap_or(u32::MAX);
             self.status.cert_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
@@ -268,15 +279,23 @@ impl Supervisor {
             }
             batch.clear();
             let result = link.read_available(&mut batch);
-            if !batch.is_empty() {
+            // Alive: a data message or a pong arrived (the cloud answers our pings from the
+            // goroutine that reads, so a pong shows it reads). Its own pings do not count: a peer
+            // that pings and never reads keeps the socket readable forever.
+            let alive = batch.iter().any(|frame| !matches!(frame, Incoming::Control));
+            if alive {
                 last_frame = Instant::now();
                 Status::stamp(&self.status.last_frame);
             }
+            let pings_only = !alive && !batch.is_empty();
             if self.handle_frames(&mut batch, stop).is_err() {
                 break ExitReason::Stopped;
             }
             if let Err(e) = result {
                 break ExitReason::Read(e);
+            }
+            if pings_only && last_frame.elapsed() >= read_deadline {
+                break ExitReason::ReadDeadline(read_deadline);
             }
         });
     }

@@ -212,6 +212,43 @@ fn traversal_key_is_neither_written_nor_acked() {
     m.agent.stop();
 }
 
+/// Issue 11 item 1: a store write that fails (here a file where the `configmap` folder must go,
+/// which fails for root too, like a full disk does) releases the msg_id, so the cloud's next
+/// re-send of the same message is applied and ACKed once the disk is usable again, without a
+/// restart. Before the fix every re-send was dropped as "still in progress".
+#[test]
+fn failed_store_write_is_retried_on_the_cloud_resend_and_then_acked() {
+    let _w = watchdog(Duration::from_secs(40));
+    let cloud = Cloud::start_with(|sim| sim.ack_retry_interval = Duration::from_millis(300));
+    let m = meta_agent(&cloud);
+    let namespace_dir = m.state_dir.join(meta_store::STORE_DIR).join("default");
+    std::fs::create_dir_all(&namespace_dir).unwrap();
+    let obstacle = namespace_dir.join("configmap");
+    std::fs::write(&obstacle, "a file where the folder must go").unwrap();
+
+    let insert = object("insert", "default/configmap/app-cfg", "7", r#"{"data":{"k":"v"}}"#);
+    cloud.sim.push(NODE, insert.clone());
+    // The first write fails: wait until the store has decided on it.
+    let deadline = Instant::now() + PATIENCE;
+    while m.handle.stats().messages < 1 {
+        assert!(Instant::now() < deadline, "the store never saw the message");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let path = store_file(&m.state_dir, "default/configmap/app-cfg");
+    assert!(!path.exists());
+    std::fs::remove_file(&obstacle).unwrap(); // space freed
+
+    cloud.wait_for("ack after a re-send", |e| match e {
+        SimEvent::Ack { parent_id, .. } if *parent_id == insert.header.id => Some(()),
+        _ => None,
+    });
+    let stored = record(&path);
+    assert_eq!(stored["resourceVersion"], "7");
+    assert_eq!(stored["msgId"], insert.header.id.as_str());
+    assert!(m.handle.stats().messages >= 2, "the re-send went through the store");
+    m.agent.stop();
+}
+
 #[test]
 fn hostile_keys_among_good_ones_in_one_burst_are_never_acked() {
     let _w = watchdog(Duration::from_secs(30));

@@ -1279,6 +1279,13 @@ fn acked_message(request: &Request) -> Result<Message, String> {
     if msg.header.id.is_empty() {
         return Err("ack: message has no msg_id".to_owned());
     }
+    if msg.header.id.len() > crate::router::MAX_MSG_ID_BYTES {
+        return Err(format!(
+            "ack: msg_id has {} bytes, longer than any the cloud sends ({})",
+            msg.header.id.len(),
+            crate::router::MAX_MSG_ID_BYTES
+        ));
+    }
     Ok(msg)
 }
 
@@ -1474,6 +1481,19 @@ mod tests {
         slot.push(third, 1000);
         assert!(!slot.is_open(), "a queue over the byte limit cuts the client off");
         assert_eq!(out_rx.len(), 2);
+    }
+
+    /// Issue 11 item 3/4: an `ack` line cannot make the agent queue an ACK carrying an ID
+    /// longer than any the cloud sends.
+    #[test]
+    fn ack_with_an_overlong_msg_id_is_a_bad_request() {
+        let id = "i".repeat(crate::router::MAX_MSG_ID_BYTES + 1);
+        let line = format!(r#"{{"op":"ack","message":{{"header":{{"msg_id":"{id}"}}}}}}"#);
+        let error = parse_request(line.as_bytes()).unwrap_err().error;
+        assert!(error.contains("msg_id has 129 bytes"), "{error}");
+        let id = "i".repeat(crate::router::MAX_MSG_ID_BYTES);
+        let line = format!(r#"{{"op":"ack","message":{{"header":{{"msg_id":"{id}"}}}}}}"#);
+        assert!(parse_request(line.as_bytes()).is_ok());
     }
 
     #[test]

@@ -193,6 +193,10 @@ fn commit(
         }
         if outcome.is_applied() {
             hub.ack(msg);
+        } else if matches!(outcome, Outcome::Failed(_)) {
+            // The disk may have room by the cloud's next re-send (5 s): let that one through
+            // instead of dropping it as a duplicate of a message still being worked on.
+            hub.release(msg);
         }
     }
     feed.end_batch(&store.counters);
@@ -218,8 +222,9 @@ fn log_outcome(msg: &Message, outcome: &Outcome) {
             shown_text(&msg.route.operation),
             shown(&msg.route.resource)
         ),
-        // Not ACKed: the cloud sends it again, by which time the disk may have room.
-        Outcome::Failed(e) => log::error!("meta: {e}; not acking {msg:?}"),
+        // Not ACKed but released: the cloud's next re-send is applied again, by which time the
+        // disk may have room.
+        Outcome::Failed(e) => log::error!("meta: {e}; not acking {msg:?}, will apply a re-send"),
     }
 }
 

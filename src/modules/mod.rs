@@ -58,6 +58,15 @@ impl Hub {
         if !crate::router::cloud_waits_for_ack(msg) {
             return false;
         }
+        if !crate::router::ids_within_bounds(msg) {
+            // The ACK would carry the ID; the router never delivers such a message from the cloud.
+            log::warn!(
+                "not acking a message whose msg_id has {} bytes (longest accepted: {})",
+                msg.header.id.len(),
+                crate::router::MAX_MSG_ID_BYTES
+            );
+            return false;
+        }
         Status::bump(&self.status.acks_sent);
         self.redeliveries.acked(&msg.header.id);
         self.outbox.push_urgent(msg.ack());
