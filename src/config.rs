@@ -193,6 +193,11 @@ pub struct Config {
     pub local_client_queue: usize,
     /// Longest request line a local client may send; a longer one gets an error reply.
     pub local_api_max_line_bytes: usize,
+
+    // ---- DeviceTwin (issue 13, twin part) ----
+    /// ID segments in device topics: 1 (`$hw/events/device/<name>/…`, v1.10-era mappers) or 2
+    /// (`$hw/events/device/<namespace>/<name>/…`, today's KubeEdge).
+    pub device_topic_id_segments: u8,
 }
 
 impl Default for Config {
@@ -232,6 +237,7 @@ impl Default for Config {
             local_api_max_clients: DEFAULT_LOCAL_API_MAX_CLIENTS,
             local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
+            device_topic_id_segments: 1,
         }
     }
 }
@@ -319,6 +325,12 @@ impl Config {
                     self.heartbeat.0.as_secs_f64(),
                     CLOUD_KEEPALIVE_TIMEOUT.as_secs()
                 ),
+            );
+        }
+        if !(1..=2).contains(&self.device_topic_id_segments) {
+            return bad(
+                "deviceTopicIdSegments",
+                format!("{} is not 1 or 2", self.device_topic_id_segments),
             );
         }
         if self.message_qps == 0 {
