@@ -56,18 +56,25 @@ struct Desired {
 
 /// The twin's reading of `msg`: `None` when it is not a Device message (a DeviceModel, a pod,
 /// anything else), `Some(Err)` when it is one the twin cannot read.
-pub fn from_resource(msg: &Message, settings: &Settings, devices: &Devices) -> Option<Result<DeviceEvent, String>> {
+pub fn from_resource(
+    msg: &Message,
+    settings: &Settings,
+    devices: &Devices,
+) -> Option<Result<DeviceEvent, String>> {
     if msg.route.group != group::RESOURCE {
         return None;
     }
     let mut parts = msg.route.resource.split('/');
-    let (Some(namespace), Some("device"), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(namespace), Some("device"), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
     if name.is_empty() {
         return None;
     }
-    let id = if settings.id_segments == 2 { format!("{namespace}/{name}") } else { name.to_owned() };
+    let id =
+        if settings.id_segments == 2 { format!("{namespace}/{name}") } else { name.to_owned() };
     if msg.route.operation == operation::DELETE {
         return Some(Ok(DeviceEvent::Delete(id)));
     }
@@ -104,8 +111,14 @@ pub fn from_resource(msg: &Message, settings: &Settings, devices: &Devices) -> O
         };
         twins.insert(property.name, Some(twin));
     }
-    let name_only = if object.metadata.name.is_empty() { name.to_owned() } else { object.metadata.name };
-    Some(Ok(DeviceEvent::Upsert(DeviceMsg { id, name: name_only, twin: Some(twins), ..DeviceMsg::default() })))
+    let name_only =
+        if object.metadata.name.is_empty() { name.to_owned() } else { object.metadata.name };
+    Some(Ok(DeviceEvent::Upsert(DeviceMsg {
+        id,
+        name: name_only,
+        twin: Some(twins),
+        ..DeviceMsg::default()
+    })))
 }
 
 /// A DeviceModel property type (`INT`, `FLOAT`, `DOUBLE`, `BOOLEAN`, `STRING`, …) as a twin type.
@@ -124,7 +137,12 @@ mod tests {
     use crate::message::Route;
 
     fn msg(op: &str, resource: &str, rv: &str, content: &str) -> Message {
-        let route = Route { group: "resource".into(), operation: op.into(), resource: resource.into(), ..Route::default() };
+        let route = Route {
+            group: "resource".into(),
+            operation: op.into(),
+            resource: resource.into(),
+            ..Route::default()
+        };
         let mut m = Message::new(route, crate::message::json_content(content).unwrap());
         m.header.resource_version = rv.into();
         m
@@ -135,7 +153,11 @@ mod tests {
         let s = Settings { node_name: "n".into(), id_segments: 2 };
         let body = r#"{"metadata":{"name":"thermo-1","namespace":"default"},"spec":{"nodeName":"n","properties":[
             {"name":"temperature","desired":{"value":"26","metadata":{"type":"FLOAT"}}},{"name":"noDesired"}]}}"#;
-        let Some(Ok(DeviceEvent::Upsert(d))) = from_resource(&msg("update", "default/device/thermo-1", "4790", body), &s, &Devices::new()) else {
+        let Some(Ok(DeviceEvent::Upsert(d))) = from_resource(
+            &msg("update", "default/device/thermo-1", "4790", body),
+            &s,
+            &Devices::new(),
+        ) else {
             panic!("an upsert")
         };
         assert_eq!(d.id, "default/thermo-1");
@@ -146,9 +168,20 @@ mod tests {
         assert_eq!(t.kind(), "float");
         assert_eq!(t.expected_version.unwrap(), TwinVersion { cloud: 4790, edge: 0 });
         let one = Settings { node_name: "n".into(), id_segments: 1 };
-        let del = from_resource(&msg("delete", "default/device/thermo-1", "", "null"), &one, &Devices::new());
+        let del = from_resource(
+            &msg("delete", "default/device/thermo-1", "", "null"),
+            &one,
+            &Devices::new(),
+        );
         assert_eq!(del, Some(Ok(DeviceEvent::Delete("thermo-1".into()))));
-        assert!(from_resource(&msg("update", "default/devicemodel/m", "1", "{}"), &s, &Devices::new()).is_none());
-        assert!(from_resource(&msg("update", "default/device/x", "1", "[1]"), &s, &Devices::new()).unwrap().is_err());
+        assert!(from_resource(
+            &msg("update", "default/devicemodel/m", "1", "{}"),
+            &s,
+            &Devices::new()
+        )
+        .is_none());
+        assert!(from_resource(&msg("update", "default/device/x", "1", "[1]"), &s, &Devices::new())
+            .unwrap()
+            .is_err());
     }
 }

@@ -23,7 +23,9 @@ pub mod topics;
 mod rules_tests;
 
 use crate::error::Result;
-use crate::message::{now_millis, Message, CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_RESOURCE};
+use crate::message::{
+    now_millis, Message, CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_RESOURCE,
+};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
 use crate::router::bus_group;
 use crossbeam_channel::{never, select, Receiver, SendTimeoutError, Sender, TrySendError};
@@ -146,12 +148,19 @@ impl Counters {
 }
 
 impl Twin {
-    fn on_inbox(&mut self, hub: &Hub, mqtt_out: &Sender<Publish>, local_out: Option<&Sender<Message>>, msg: Message) {
+    fn on_inbox(
+        &mut self,
+        hub: &Hub,
+        mqtt_out: &Sender<Publish>,
+        local_out: Option<&Sender<Message>>,
+        msg: Message,
+    ) {
         if msg.route.resource == CONNECTION_RESOURCE {
             match msg.content_text().as_deref() {
                 Some(CLOUD_CONNECTED) if !self.connected => {
                     self.connected = true;
-                    let request = rules::membership_detail_request(&self.settings.node_name, now_millis());
+                    let request =
+                        rules::membership_detail_request(&self.settings.node_name, now_millis());
                     self.send_up(hub, request);
                 }
                 Some(CLOUD_DISCONNECTED) => self.connected = false,
@@ -167,7 +176,13 @@ impl Twin {
         self.execute(hub, mqtt_out, effects);
     }
 
-    fn on_meta_change(&mut self, hub: &Hub, mqtt_out: &Sender<Publish>, meta_out: Option<&Sender<Message>>, msg: Message) {
+    fn on_meta_change(
+        &mut self,
+        hub: &Hub,
+        mqtt_out: &Sender<Publish>,
+        meta_out: Option<&Sender<Message>>,
+        msg: Message,
+    ) {
         let event = device_object::from_resource(&msg, &self.settings, &self.devices);
         if let Some(out) = meta_out {
             forward(out, &msg, &self.counters.local_dropped, "local api meta events");
@@ -216,7 +231,10 @@ impl Twin {
             Err(SendTimeoutError::Timeout(p)) | Err(SendTimeoutError::Disconnected(p)) => {
                 let n = Counters::bump(&self.counters.publishes_dropped);
                 if n.is_power_of_two() {
-                    log::warn!("twin: mqtt client not taking publishes; dropped {} ({n} since start)", p.topic);
+                    log::warn!(
+                        "twin: mqtt client not taking publishes; dropped {} ({n} since start)",
+                        p.topic
+                    );
                 }
             }
         }
@@ -225,7 +243,9 @@ impl Twin {
     fn send_up(&self, hub: &Hub, msg: Message) {
         if let Err(rejected) = hub.send(msg) {
             let n = Counters::bump(&self.counters.outbox_refused);
-            log::warn!("twin: outbox refused a message for the cloud: {rejected} ({n} since start)");
+            log::warn!(
+                "twin: outbox refused a message for the cloud: {rejected} ({n} since start)"
+            );
         }
     }
 }

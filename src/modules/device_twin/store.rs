@@ -51,11 +51,14 @@ impl DeviceStore {
             if !path.to_string_lossy().ends_with(FILE_SUFFIX) {
                 continue;
             }
-            let parsed = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| serde_json::from_slice::<Device>(&bytes).map_err(|e| e.to_string()));
+            let parsed = fs::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
+                serde_json::from_slice::<Device>(&bytes).map_err(|e| e.to_string())
+            });
             match parsed {
-                Ok(device) if file_name(&device.id).as_deref() == path.file_name().and_then(|n| n.to_str()) => {
+                Ok(device)
+                    if file_name(&device.id).as_deref()
+                        == path.file_name().and_then(|n| n.to_str()) =>
+                {
                     devices.insert(device.id.clone(), device);
                 }
                 Ok(device) => log::warn!(
@@ -63,7 +66,10 @@ impl DeviceStore {
                     path.display(),
                     device.id
                 ),
-                Err(e) => log::warn!("twin: {} is not a valid device record ({e}); skipped", path.display()),
+                Err(e) => log::warn!(
+                    "twin: {} is not a valid device record ({e}); skipped",
+                    path.display()
+                ),
             }
         }
         log::info!("twin: loaded {} devices from {}", devices.len(), dir.display());
@@ -91,17 +97,19 @@ impl DeviceStore {
                     let path = self.path_of(&device.id)?;
                     if !known.contains_key(&device.id) {
                         if count >= MAX_DEVICES {
-                            return Err(ErrorKind::Full
-                                .msg(format!("twin store holds {MAX_DEVICES} devices; not adding {:?}", device.id)));
+                            return Err(ErrorKind::Full.msg(format!(
+                                "twin store holds {MAX_DEVICES} devices; not adding {:?}",
+                                device.id
+                            )));
                         }
                         count += 1;
                     }
                     // Cannot fail: a struct of strings and maps with string keys.
                     let bytes = serde_json::to_vec(device).unwrap_or_default();
                     let temp = self.dir.join(TEMP_NAME);
-                    write_synced(&temp, &bytes)
-                        .and_then(|()| fs::rename(&temp, &path))
-                        .map_err(|e| ErrorKind::Io.msg(format!("write {}", path.display())).src(e))?;
+                    write_synced(&temp, &bytes).and_then(|()| fs::rename(&temp, &path)).map_err(
+                        |e| ErrorKind::Io.msg(format!("write {}", path.display())).src(e),
+                    )?;
                 }
                 StoreChange::Remove(id) => {
                     let path = self.path_of(id)?;
@@ -109,7 +117,9 @@ impl DeviceStore {
                         Ok(()) => count = count.saturating_sub(1),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => {
-                            return Err(ErrorKind::Io.msg(format!("remove {}", path.display())).src(e))
+                            return Err(ErrorKind::Io
+                                .msg(format!("remove {}", path.display()))
+                                .src(e))
                         }
                     }
                 }
@@ -121,14 +131,15 @@ impl DeviceStore {
     }
 
     fn path_of(&self, id: &str) -> Result<PathBuf> {
-        file_name(id)
-            .map(|name| self.dir.join(name))
-            .ok_or_else(|| ErrorKind::Io.msg(format!("device id {:?} is empty or too long to store", shown(id))))
+        file_name(id).map(|name| self.dir.join(name)).ok_or_else(|| {
+            ErrorKind::Io.msg(format!("device id {:?} is empty or too long to store", shown(id)))
+        })
     }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(path)?;
+    let mut file =
+        OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -167,7 +178,8 @@ mod tests {
         }
     }
     fn scratch(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("edgehub-twin-store-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("edgehub-twin-store-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         Scratch(dir)
     }
@@ -208,7 +220,8 @@ mod tests {
         let s = scratch("fail");
         let (store, devices) = DeviceStore::open(&s.0).unwrap();
         fs::create_dir_all(store.dir().join("d.json")).unwrap(); // a folder where the file goes
-        let e = store.write(&[StoreChange::Put(Device { id: "d".into(), ..Device::default() })], &devices);
+        let e = store
+            .write(&[StoreChange::Put(Device { id: "d".into(), ..Device::default() })], &devices);
         assert!(e.unwrap_err().to_string().contains("d.json"));
     }
 }
