@@ -198,6 +198,10 @@ pub struct Config {
     /// ID segments in device topics: 1 (`$hw/events/device/<name>/…`, v1.10-era mappers) or 2
     /// (`$hw/events/device/<namespace>/<name>/…`, today's KubeEdge).
     pub device_topic_id_segments: u8,
+
+    // ---- devices over MQTT (issue 13): edgecore's `modules.eventBus` section ----
+    /// The MQTT broker connection and EventBus; off unless `mqttServerExternal` is set.
+    pub event_bus: EventBus,
 }
 
 impl Default for Config {
@@ -238,6 +242,7 @@ impl Default for Config {
             local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
             device_topic_id_segments: 1,
+            event_bus: EventBus::default(),
         }
     }
 }
@@ -282,6 +287,9 @@ impl Config {
             &mut self.token_file,
             &mut self.state_dir,
             &mut self.local_api_socket,
+            &mut self.event_bus.event_bus_tls.tls_mqtt_ca_file,
+            &mut self.event_bus.event_bus_tls.tls_mqtt_cert_file,
+            &mut self.event_bus.event_bus_tls.tls_mqtt_private_key_file,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = dir.join(&*p);
@@ -389,6 +397,7 @@ impl Config {
         if !self.http_server.is_empty() {
             crate::certs::http::BaseUrl::parse(&self.http_server)?;
         }
+        self.event_bus.validate()?;
         for (key, path) in [
             ("tlsCaFile", &self.tls_ca_file),
             ("tlsCertFile", &self.tls_cert_file),
@@ -434,7 +443,157 @@ impl Config {
         if !shown.token.is_empty() {
             shown.token = "<redacted>".to_owned();
         }
+        if !shown.event_bus.mqtt_password.is_empty() {
+            shown.event_bus.mqtt_password = "<redacted>".to_owned();
+        }
         serde_json::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+// ---- devices over MQTT (issue 13) ----
+
+pub const DEFAULT_MQTT_MODE: u8 = 2;
+pub const DEFAULT_MQTT_SERVER_INTERNAL: &str = "tcp://127.0.0.1:1884";
+/// edgecore's default `mqttSessionQueueSize`; here the bound of publishes waiting for the broker.
+pub const DEFAULT_MQTT_SESSION_QUEUE_SIZE: usize = 100;
+pub const DEFAULT_MQTT_QUEUE_MAX_BYTES: usize = 1 << 20;
+pub const DEFAULT_MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_MQTT_MAX_PACKET_BYTES: usize = 1 << 20;
+pub const DEFAULT_MQTT_CA_FILE: &str = "/etc/kubeedge/ca/rootCA.crt";
+pub const DEFAULT_MQTT_CERT_FILE: &str = "/etc/kubeedge/certs/server.crt";
+pub const DEFAULT_MQTT_KEY_FILE: &str = "/etc/kubeedge/certs/server.key";
+
+/// edgecore's `modules.eventBus` (edge-node §3.1), plus the agent's own `mqttQueueMaxBytes`,
+/// `mqttKeepAlive` and `mqttMaxPacketBytes`. Only the external-broker mode exists here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EventBus {
+    /// `false` turns MQTT off even with a broker configured.
+    pub enable: bool,
+    /// 2 (external broker) or 1 (treated as 2: there is no internal broker); 0 is refused.
+    pub mqtt_mode: u8,
+    /// The broker, `tcp://host:port` (`ssl://` for TLS). Empty (the default here, unlike
+    /// edgecore): MQTT is off and a gateway without devices runs as before.
+    pub mqtt_server_external: String,
+    /// Accepted so an edgecore section can be pasted; there is no internal broker.
+    pub mqtt_server_internal: String,
+    /// QoS of the agent's publishes (0 or 1). edgecore's external mode always publishes at 1,
+    /// so the default here is 1.
+    #[serde(rename = "mqttQOS")]
+    pub mqtt_qos: u8,
+    pub mqtt_retain: bool,
+    /// Publishes kept while the broker is away (the oldest is dropped beyond it).
+    pub mqtt_session_queue_size: usize,
+    /// The client ID (default `hub-client-sub-<ms time>`, as edgecore).
+    #[serde(rename = "mqttSubClientID")]
+    pub mqtt_sub_client_id: String,
+    /// Accepted for compatibility: one connection both subscribes and publishes.
+    #[serde(rename = "mqttPubClientID")]
+    pub mqtt_pub_client_id: String,
+    pub mqtt_username: String,
+    /// Never printed.
+    pub mqtt_password: String,
+    #[serde(rename = "eventBusTLS")]
+    pub event_bus_tls: EventBusTls,
+    /// Payload bytes kept while the broker is away (the oldest is dropped beyond it).
+    pub mqtt_queue_max_bytes: usize,
+    pub mqtt_keep_alive: Seconds,
+    /// Largest packet accepted from the broker; a longer one is skipped and counted.
+    pub mqtt_max_packet_bytes: usize,
+}
+
+/// `eventBus.eventBusTLS`: TLS to the broker (also turned on by an `ssl://` address).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EventBusTls {
+    pub enable: bool,
+    #[serde(rename = "tlsMqttCAFile")]
+    pub tls_mqtt_ca_file: PathBuf,
+    pub tls_mqtt_cert_file: PathBuf,
+    pub tls_mqtt_private_key_file: PathBuf,
+}
+
+impl Default for EventBusTls {
+    fn default() -> EventBusTls {
+        EventBusTls {
+            enable: false,
+            tls_mqtt_ca_file: PathBuf::from(DEFAULT_MQTT_CA_FILE),
+            tls_mqtt_cert_file: PathBuf::from(DEFAULT_MQTT_CERT_FILE),
+            tls_mqtt_private_key_file: PathBuf::from(DEFAULT_MQTT_KEY_FILE),
+        }
+    }
+}
+
+impl Default for EventBus {
+    fn default() -> EventBus {
+        EventBus {
+            enable: true,
+            mqtt_mode: DEFAULT_MQTT_MODE,
+            mqtt_server_external: String::new(),
+            mqtt_server_internal: DEFAULT_MQTT_SERVER_INTERNAL.to_owned(),
+            mqtt_qos: 1,
+            mqtt_retain: false,
+            mqtt_session_queue_size: DEFAULT_MQTT_SESSION_QUEUE_SIZE,
+            mqtt_sub_client_id: String::new(),
+            mqtt_pub_client_id: String::new(),
+            mqtt_username: String::new(),
+            mqtt_password: String::new(),
+            event_bus_tls: EventBusTls::default(),
+            mqtt_queue_max_bytes: DEFAULT_MQTT_QUEUE_MAX_BYTES,
+            mqtt_keep_alive: Seconds(DEFAULT_MQTT_KEEP_ALIVE),
+            mqtt_max_packet_bytes: DEFAULT_MQTT_MAX_PACKET_BYTES,
+        }
+    }
+}
+
+impl EventBus {
+    /// True when the agent connects to a broker.
+    pub fn is_on(&self) -> bool {
+        self.enable && !self.mqtt_server_external.trim().is_empty()
+    }
+
+    /// The `eventBus` part of [`Config::validate`].
+    ///
+    /// # Errors
+    /// `Config` naming `eventBus.<key>` and the reason.
+    pub fn validate(&self) -> Result<()> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        let bad =
+            |key: &str, why: String| Err(ErrorKind::Config.msg(format!("eventBus.{key}: {why}")));
+        if self.mqtt_mode == 0 || self.mqtt_mode > 2 {
+            return bad(
+                "mqttMode",
+                format!(
+                    "{} is not supported: only 2 (external broker) exists here",
+                    self.mqtt_mode
+                ),
+            );
+        }
+        if self.mqtt_qos > 1 {
+            return bad("mqttQOS", format!("{} is not 0 or 1", self.mqtt_qos));
+        }
+        let broker = crate::mqtt::Broker::parse(&self.mqtt_server_external)?;
+        if (broker.tls || self.event_bus_tls.enable)
+            && self.event_bus_tls.tls_mqtt_ca_file.as_os_str().is_empty()
+        {
+            return bad("eventBusTLS.tlsMqttCAFile", "TLS to the broker needs a CA file".into());
+        }
+        let keep_alive = self.mqtt_keep_alive.0;
+        if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65_535) {
+            return bad("mqttKeepAlive", format!("{keep_alive:?} is not 1 to 65535 s"));
+        }
+        for (key, n, min) in [
+            ("mqttSessionQueueSize", self.mqtt_session_queue_size, 1),
+            ("mqttQueueMaxBytes", self.mqtt_queue_max_bytes, 1024),
+            ("mqttMaxPacketBytes", self.mqtt_max_packet_bytes, 1024),
+        ] {
+            if n < min {
+                return bad(key, format!("{n} is below the minimum {min}"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -42,6 +42,7 @@ pub mod local_client;
 pub mod logging;
 pub mod message;
 pub mod modules;
+pub mod mqtt;
 pub mod outbox;
 mod poll;
 pub mod router;
