@@ -126,30 +126,10 @@ pub fn spec(
     meta: Option<MetaHandle>,
     changes: Option<Receiver<Message>>,
 ) -> Result<ModuleSpec> {
-    spec_sharing(settings, meta, changes, &[], None)
-}
-
-/// [`spec`] for an agent where other modules own some of the local API's groups (`handed_over`,
-/// such as `twin` when the DeviceTwin module runs) and pass their cloud messages on through
-/// `forwarded`: subscribers get those as if they had been routed here.
-///
-/// # Errors
-/// As [`spec`].
-pub fn spec_sharing(
-    settings: Settings,
-    meta: Option<MetaHandle>,
-    changes: Option<Receiver<Message>>,
-    handed_over: &[&'static str],
-    forwarded: Option<Receiver<Message>>,
-) -> Result<ModuleSpec> {
     let (listener, socket_file) = bind(&settings.socket)?;
-    let groups: Vec<&'static str> =
-        [bus_group::TWIN, bus_group::BUS, bus_group::TASK_MANAGER, bus_group::OTHER]
-            .into_iter()
-            .filter(|g| !handed_over.contains(g))
-            .collect();
+    let groups = [bus_group::TWIN, bus_group::BUS, bus_group::TASK_MANAGER, bus_group::OTHER];
     Ok(ModuleSpec::new(MODULE_NAME, &groups, move |ctx| {
-        run(ctx, listener, socket_file, settings, meta, changes, forwarded);
+        run(ctx, listener, socket_file, settings, meta, changes);
     }))
 }
 
@@ -257,7 +237,6 @@ fn run(
     settings: Settings,
     meta: Option<MetaHandle>,
     changes: Option<Receiver<Message>>,
-    forwarded: Option<Receiver<Message>>,
 ) {
     // A second handle on the listening socket: shutdown(2) on it wakes the blocked accept().
     let waker = listener.try_clone().map(|l| UnixStream::from(OwnedFd::from(l)));
@@ -283,7 +262,6 @@ fn run(
     };
 
     let mut changes = changes.unwrap_or_else(never);
-    let mut forwarded = forwarded.unwrap_or_else(never);
     loop {
         select! {
             recv(ctx.inbox) -> msg => match msg {
@@ -295,10 +273,6 @@ fn run(
                     clients.publish(Some(bus_group::META), &event_line(bus_group::META, &msg));
                 }
                 Err(_) => changes = never(), // the store has stopped; keep serving the rest
-            },
-            recv(forwarded) -> msg => match msg {
-                Ok(msg) => clients.publish_cloud(&msg, &ctx.hub),
-                Err(_) => forwarded = never(), // the owning module has stopped
             },
         }
     }

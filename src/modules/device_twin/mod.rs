@@ -27,22 +27,19 @@ use crate::message::{
     now_millis, Message, CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_RESOURCE,
 };
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
+use crate::mqtt::Publisher;
 use crate::router::bus_group;
-use crossbeam_channel::{never, select, Receiver, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use device_object::DeviceEvent;
 pub use rules::Publish;
 use rules::{Devices, Effects};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use store::DeviceStore;
 
 /// Name of the module (its thread is `eh-twin`).
 pub const MODULE_NAME: &str = "twin";
-/// How long a publish waits for room in the MQTT client's queue before it is dropped (and
-/// counted): the broker being away must not stop the twin from taking cloud messages.
-pub const PUBLISH_WAIT: Duration = Duration::from_secs(1);
 
 /// What the module needs from the configuration.
 #[derive(Clone, Debug)]
@@ -55,8 +52,9 @@ pub struct Settings {
 pub struct Links {
     /// Mapper publishes on the twin topics (`topics::subscriptions`), from the MQTT client.
     pub mqtt_in: Receiver<Publish>,
-    /// Publishes for the MQTT client to send (QoS and retain are the client's settings).
-    pub mqtt_out: Sender<Publish>,
+    /// The MQTT client's publish handle (never blocks; QoS, retain and the queue while the
+    /// broker is away are the client's).
+    pub mqtt_out: Publisher,
     /// The resource store's applied changes: Device objects are read from them.
     pub meta_in: Option<Receiver<Message>>,
     /// Where `meta_in` is passed on to (the local API's `meta` feed); never blocks.
@@ -151,7 +149,7 @@ impl Twin {
     fn on_inbox(
         &mut self,
         hub: &Hub,
-        mqtt_out: &Sender<Publish>,
+        mqtt_out: &Publisher,
         local_out: Option<&Sender<Message>>,
         msg: Message,
     ) {
@@ -179,7 +177,7 @@ impl Twin {
     fn on_meta_change(
         &mut self,
         hub: &Hub,
-        mqtt_out: &Sender<Publish>,
+        mqtt_out: &Publisher,
         meta_out: Option<&Sender<Message>>,
         msg: Message,
     ) {
@@ -205,7 +203,7 @@ impl Twin {
     }
 
     /// Store first, then MQTT, then the cloud (see [`Effects`]).
-    fn execute(&mut self, hub: &Hub, mqtt_out: &Sender<Publish>, effects: Effects) {
+    fn execute(&mut self, hub: &Hub, mqtt_out: &Publisher, effects: Effects) {
         if let Err(e) = self.store.write(&effects.store, &self.devices) {
             let n = Counters::bump(&self.counters.store_failures);
             log::error!("twin: {e}; keeping the previous state ({n} store failures since start)");
@@ -225,17 +223,11 @@ impl Twin {
         }
     }
 
-    fn publish(&self, mqtt_out: &Sender<Publish>, p: Publish) {
-        match mqtt_out.send_timeout(p, PUBLISH_WAIT) {
-            Ok(()) => {}
-            Err(SendTimeoutError::Timeout(p)) | Err(SendTimeoutError::Disconnected(p)) => {
-                let n = Counters::bump(&self.counters.publishes_dropped);
-                if n.is_power_of_two() {
-                    log::warn!(
-                        "twin: mqtt client not taking publishes; dropped {} ({n} since start)",
-                        p.topic
-                    );
-                }
+    fn publish(&self, mqtt_out: &Publisher, p: Publish) {
+        if let Err(e) = mqtt_out.publish(&p.topic, p.payload) {
+            let n = Counters::bump(&self.counters.publishes_dropped);
+            if n.is_power_of_two() {
+                log::warn!("twin: publish {}: {e}; dropped ({n} since start)", p.topic);
             }
         }
     }

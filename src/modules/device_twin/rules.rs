@@ -37,12 +37,8 @@ pub struct Settings {
     pub id_segments: u8,
 }
 
-/// One MQTT publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Publish {
-    pub topic: String,
-    pub payload: Vec<u8>,
-}
+/// One MQTT publish (the MQTT client's own type: plain data).
+pub use crate::mqtt::Publish;
 
 /// A change to the device store.
 #[derive(Clone, Debug, PartialEq, Eq)]
