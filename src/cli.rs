@@ -226,8 +226,13 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
 #[allow(clippy::type_complexity)] // one private call site; a struct would only name the tuple
 fn mqtt_modules(
     config: &Config,
-) -> Result<Option<(Vec<ModuleSpec>, crossbeam_channel::Receiver<crate::message::Message>, Vec<&'static str>)>>
-{
+) -> Result<
+    Option<(
+        Vec<ModuleSpec>,
+        crossbeam_channel::Receiver<crate::message::Message>,
+        Vec<&'static str>,
+    )>,
+> {
     let Some(options) = crate::mqtt::Options::from_config(config)? else { return Ok(None) };
     let cap = config.module_inbox_capacity;
     // The local API never blocks its feeders: when this is full, an event is dropped and counted.

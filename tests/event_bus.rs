@@ -86,10 +86,13 @@ fn an_mqtt_publish_on_a_user_topic_reaches_the_cloud_as_eventbus_sends_it() {
     let deadline = Instant::now() + PATIENCE;
     let got = loop {
         app.publisher().publish(topic, payload.as_bytes().to_vec()).unwrap();
-        let found = cloud.events.recv_timeout(Duration::from_millis(300)).ok().and_then(|e| match e {
-            edgehub::cloudsim::SimEvent::Received { msg, .. } if is_upload(&msg, topic) => Some(msg),
-            _ => None,
-        });
+        let found =
+            cloud.events.recv_timeout(Duration::from_millis(300)).ok().and_then(|e| match e {
+                edgehub::cloudsim::SimEvent::Received { msg, .. } if is_upload(&msg, topic) => {
+                    Some(msg)
+                }
+                _ => None,
+            });
         if let Some(msg) = found {
             break msg;
         }
@@ -98,14 +101,21 @@ fn an_mqtt_publish_on_a_user_topic_reaches_the_cloud_as_eventbus_sends_it() {
     assert_eq!(got.route.source, "bus");
     assert_eq!(got.route.group, "user");
     assert_eq!(got.route.operation, "upload");
-    assert_eq!(got.content.get(), serde_json::to_string(payload).unwrap(), "payload as a JSON string");
+    assert_eq!(
+        got.content.get(),
+        serde_json::to_string(payload).unwrap(),
+        "payload as a JSON string"
+    );
     // Not an upload topic: DeviceTwin's and unrelated topics do not go up through the EventBus.
     app.publisher().publish("other/topic", b"x".to_vec()).unwrap();
     app.publisher().publish(topic, b"second".to_vec()).unwrap();
     let next = cloud.wait_received("the second upload", |m| {
         m.route.operation == "upload" && m.content_text().as_deref() != Some(payload)
     });
-    assert_eq!((next.route.resource.as_str(), next.content_text().as_deref()), (topic, Some("second")));
+    assert_eq!(
+        (next.route.resource.as_str(), next.content_text().as_deref()),
+        (topic, Some("second"))
+    );
     app.stop();
     agent.stop();
 }
@@ -191,7 +201,8 @@ fn a_cloud_subscription_uploads_its_topic_and_survives_a_restart() {
         upload_arrives("after the subscribe");
         agent.stop();
     }
-    let stored = std::fs::read_to_string(config.state_dir.join("eventbus/sub_topics.json")).unwrap();
+    let stored =
+        std::fs::read_to_string(config.state_dir.join("eventbus/sub_topics.json")).unwrap();
     assert_eq!(stored, r#"["default/alarms"]"#);
     // A new agent subscribes from the stored list, without the cloud saying it again.
     let agent = start_agent(&config);
@@ -223,8 +234,10 @@ fn cloud_publishes_made_while_the_broker_is_down_arrive_after_it_returns() {
     wait_until("agent reconnected", || mqtt_stats(&agent)["connects"] == 2);
     wait_until("queue sent", || mqtt_stats(&agent)["queued"] == 0);
     let (app, rx) = mapper(&broker, &["default/r/#"]);
-    let mut got: Vec<(String, Vec<u8>)> =
-        (0..5).map(|_| recv_within(&rx, "a retained publish")).map(|p| (p.topic, p.payload)).collect();
+    let mut got: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|_| recv_within(&rx, "a retained publish"))
+        .map(|p| (p.topic, p.payload))
+        .collect();
     got.sort();
     let want: Vec<(String, Vec<u8>)> =
         (0..5).map(|i| (format!("default/r/{i}"), format!("v{i}").into_bytes())).collect();
@@ -237,8 +250,7 @@ fn cloud_publishes_made_while_the_broker_is_down_arrive_after_it_returns() {
 #[test]
 fn a_flooding_mapper_meets_bounded_queues_and_counted_drops() {
     let _w = watchdog(Duration::from_secs(120));
-    let Some(broker) = Mosquitto::start_with_or_skip("flood", "max_queued_messages 100000")
-    else {
+    let Some(broker) = Mosquitto::start_with_or_skip("flood", "max_queued_messages 100000") else {
         return;
     };
     let cloud = Cloud::start();
@@ -287,7 +299,8 @@ fn a_flooding_mapper_meets_bounded_queues_and_counted_drops() {
     });
     let stats = agent.hub().status_json();
     let mqtt = &stats["mqtt"];
-    let dropped = mqtt["deliveryDropped"].as_u64().unwrap() + stats["drops"]["outboxFull"].as_u64().unwrap();
+    let dropped =
+        mqtt["deliveryDropped"].as_u64().unwrap() + stats["drops"]["outboxFull"].as_u64().unwrap();
     assert!(dropped > 0, "a flood this size must hit a bound: {stats}");
     assert!(agent.outbox_len() <= 50, "outbox bounded");
     // 30 MB went through; memory stays bounded by the queues (generous: allocator slack, qemu).

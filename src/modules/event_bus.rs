@@ -89,7 +89,7 @@ fn run(ctx: ModuleContext, wiring: Wiring) {
     loop {
         select! {
             recv(ctx.inbox) -> msg => match msg {
-                Ok(msg) => bus.from_cloud(msg),
+                Ok(msg) => bus.handle_cloud(msg),
                 Err(_) => break, // the agent is stopping
             },
             recv(uploads) -> p => match p {
@@ -135,7 +135,10 @@ pub fn upload_message(publish: &Publish) -> Message {
 /// What a cloud `router_eventbus` message asks for (§3.4).
 #[derive(Debug, PartialEq, Eq)]
 pub enum CloudAction {
-    Publish { topic: String, payload: Vec<u8> },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+    },
     Subscribe(String),
     Unsubscribe(String),
     /// Nothing to do, and why (for the log).
@@ -175,12 +178,14 @@ pub fn cloud_action(msg: &Message, node_name: &str) -> CloudAction {
             topic: format!("$hw/events/node/{node_name}/authInfo/get/result"),
             payload: msg.content.get().as_bytes().to_vec(),
         },
-        op => CloudAction::Ignore(format!("operation {op:?} on {resource:?} has no eventbus action")),
+        op => {
+            CloudAction::Ignore(format!("operation {op:?} on {resource:?} has no eventbus action"))
+        }
     }
 }
 
 impl EventBus {
-    fn from_cloud(&mut self, msg: Message) {
+    fn handle_cloud(&mut self, msg: Message) {
         if msg.route.resource == crate::message::CONNECTION_RESOURCE {
             return; // connection events: the MQTT side does not care
         }
@@ -229,7 +234,8 @@ impl EventBus {
     }
 
     fn upload(&mut self, publish: Publish) {
-        if let Some(i) = self.echoes.iter().position(|(t, p)| *t == publish.topic && *p == publish.payload)
+        if let Some(i) =
+            self.echoes.iter().position(|(t, p)| *t == publish.topic && *p == publish.payload)
         {
             self.echoes.remove(i);
             log::debug!("eventbus: not uploading the echo of a cloud publish on {}", publish.topic);
@@ -275,12 +281,18 @@ impl SubTopics {
         let path = dir.join(SUB_TOPICS_FILE);
         let topics = match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<Vec<String>>(&bytes).unwrap_or_else(|e| {
-                log::error!("eventbus: {} is not a JSON list of topics ({e}); starting empty", path.display());
+                log::error!(
+                    "eventbus: {} is not a JSON list of topics ({e}); starting empty",
+                    path.display()
+                );
                 Vec::new()
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
-                log::error!("eventbus: read {}: {e}; starting without stored subscriptions", path.display());
+                log::error!(
+                    "eventbus: read {}: {e}; starting without stored subscriptions",
+                    path.display()
+                );
                 Vec::new()
             }
         };
@@ -343,7 +355,10 @@ mod tests {
 
     #[test]
     fn uploads_carry_the_topic_and_the_payload_as_a_json_string() {
-        let msg = upload_message(&Publish { topic: "default/user/t".into(), payload: b"{\"a\":1}".to_vec() });
+        let msg = upload_message(&Publish {
+            topic: "default/user/t".into(),
+            payload: b"{\"a\":1}".to_vec(),
+        });
         assert_eq!(
             (msg.route.source.as_str(), msg.route.group.as_str(), msg.route.operation.as_str()),
             ("bus", "user", "upload")
@@ -358,8 +373,14 @@ mod tests {
     fn cloud_messages_map_as_edgecore_does() {
         let node = "n1";
         assert_eq!(
-            cloud_action(&cloud("publish", "default/cmd", text_content("{\"switch\":\"on\"}")), node),
-            CloudAction::Publish { topic: "default/cmd".into(), payload: b"{\"switch\":\"on\"}".to_vec() }
+            cloud_action(
+                &cloud("publish", "default/cmd", text_content("{\"switch\":\"on\"}")),
+                node
+            ),
+            CloudAction::Publish {
+                topic: "default/cmd".into(),
+                payload: b"{\"switch\":\"on\"}".to_vec()
+            }
         );
         assert!(matches!(
             cloud_action(&cloud("publish", "t", json_content("{\"a\":1}").unwrap()), node),
@@ -370,13 +391,20 @@ mod tests {
             CloudAction::Subscribe("default/topic".into())
         );
         assert_eq!(
-            cloud_action(&cloud("unsubscribe", "default/topic", json_content("null").unwrap()), node),
+            cloud_action(
+                &cloud("unsubscribe", "default/topic", json_content("null").unwrap()),
+                node
+            ),
             CloudAction::Unsubscribe("default/topic".into())
         );
-        let m = cloud("message", "x", json_content(r#"{"message":{"topic":"a/b","v":1}}"#).unwrap());
+        let m =
+            cloud("message", "x", json_content(r#"{"message":{"topic":"a/b","v":1}}"#).unwrap());
         assert_eq!(
             cloud_action(&m, node),
-            CloudAction::Publish { topic: "a/b".into(), payload: br#"{"topic":"a/b","v":1}"#.to_vec() }
+            CloudAction::Publish {
+                topic: "a/b".into(),
+                payload: br#"{"topic":"a/b","v":1}"#.to_vec()
+            }
         );
         let m = cloud("get_result", "auth_info", json_content(r#"{"k":"v"}"#).unwrap());
         assert_eq!(
@@ -386,7 +414,10 @@ mod tests {
                 payload: br#"{"k":"v"}"#.to_vec()
             }
         );
-        assert!(matches!(cloud_action(&cloud("delete", "x", text_content("")), node), CloudAction::Ignore(_)));
+        assert!(matches!(
+            cloud_action(&cloud("delete", "x", text_content("")), node),
+            CloudAction::Ignore(_)
+        ));
     }
 
     #[test]
