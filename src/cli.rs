@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::local_client::LocalClient;
 use crate::logging::{self, LogTarget};
-use crate::modules::{local_api, meta_store, node_status, ModuleSpec};
+use crate::modules::{device_twin, event_bus, local_api, meta_store, node_status, ModuleSpec};
 use crate::signals;
 use argh::FromArgs;
 use serde_json::value::RawValue;
@@ -196,15 +196,87 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
     let (changes_tx, changes_rx) = crossbeam_channel::bounded(config.module_inbox_capacity);
     let (meta, store) = meta_store::spec(config.state_dir.clone(), Some(changes_tx));
     let local_api = local_api::Settings::from_config(config);
-    Ok(vec![
+    let mut modules = vec![
         meta,
         node_status::spec_for(
             config.node_name.clone(),
             config.node_status_interval.0,
             Some(config.state_dir.clone()),
         ),
-        local_api::spec(local_api, Some(store), Some(changes_rx))?,
-    ])
+    ];
+    // With MQTT on, the store's changes pass through DeviceTwin (it reads Device objects).
+    let mut changes_rx = Some(changes_rx);
+    match mqtt_modules(config, &mut changes_rx)? {
+        None => modules.push(local_api::spec(local_api, Some(store), changes_rx)?),
+        Some((mqtt_specs, forwarded, owned)) => {
+            modules.extend(mqtt_specs);
+            modules.push(local_api::spec_forwarding(
+                local_api,
+                Some(store),
+                changes_rx,
+                Some(forwarded),
+                &owned,
+            )?);
+        }
+    }
+    Ok(modules)
+}
+
+/// The modules that exist only with a broker configured (devices over MQTT, issue 13): the
+/// MQTT client, DeviceTwin owning `twin` and the EventBus owning `bus`. Returns them with the
+/// channel on which they forward cloud messages of their groups to the local API, and those
+/// groups. `None`: MQTT is off. DeviceTwin takes the resource store's `changes` and puts in
+/// their place the channel it passes them on through.
+#[allow(clippy::type_complexity)] // one private call site; a struct would only name the tuple
+fn mqtt_modules(
+    config: &Config,
+    changes: &mut Option<crossbeam_channel::Receiver<crate::message::Message>>,
+) -> Result<
+    Option<(
+        Vec<ModuleSpec>,
+        crossbeam_channel::Receiver<crate::message::Message>,
+        Vec<&'static str>,
+    )>,
+> {
+    let Some(options) = crate::mqtt::Options::from_config(config)? else { return Ok(None) };
+    let cap = config.module_inbox_capacity;
+    // The local API never blocks its feeders: when this is full, an event is dropped and counted.
+    let (forward_tx, forward_rx) = crossbeam_channel::bounded(cap);
+    let mut builder = crate::mqtt::ClientBuilder::new(options);
+    // DeviceTwin's routes go first (first matching route wins).
+    let segments = config.device_topic_id_segments;
+    let twin_filters = device_twin::topics::subscriptions(segments);
+    let twin_filters: Vec<&str> = twin_filters.iter().map(String::as_str).collect();
+    let twin_rx = builder.route(&twin_filters, cap);
+    let bus_routes = event_bus::routes(&mut builder, cap);
+    let client = builder.start()?;
+    let (twin_changes_tx, twin_changes_rx) = crossbeam_channel::bounded(cap);
+    let twin_settings = device_twin::Settings {
+        state_dir: config.state_dir.clone(),
+        rules: device_twin::rules::Settings {
+            node_name: config.node_name.clone(),
+            id_segments: segments,
+        },
+    };
+    let (twin, _twin_handle) = device_twin::spec(
+        twin_settings,
+        device_twin::Links {
+            mqtt_in: twin_rx,
+            mqtt_out: client.publisher(),
+            meta_in: std::mem::replace(changes, Some(twin_changes_rx)),
+            meta_out: Some(twin_changes_tx),
+            local_out: Some(forward_tx.clone()),
+        },
+    )?;
+    let bus = event_bus::spec(event_bus::Wiring {
+        client,
+        routes: bus_routes,
+        state_dir: config.state_dir.clone(),
+        node_name: config.node_name.clone(),
+        local_api: Some(forward_tx),
+    });
+    let owned = vec![crate::router::bus_group::TWIN, crate::router::bus_group::BUS];
+    Ok(Some((vec![twin, bus], forward_rx, owned)))
 }
 
 /// The socket a client command talks to: `--socket`, else `localApiSocket` of `--config` (or of

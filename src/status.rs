@@ -46,6 +46,8 @@ pub struct Status {
     pub redeliveries: AtomicU32,
     /// Control operations (`config`/`ping`/`pong`) answered.
     pub control_answered: AtomicU32,
+    /// The MQTT client's counters, once the EventBus has started one (issue 13).
+    pub mqtt: OnceLock<crate::mqtt::Publisher>,
 }
 
 impl Status {
@@ -74,7 +76,7 @@ impl Status {
             t => json!(t),
         };
         let counters = &outbox.counters;
-        json!({
+        let mut snapshot = json!({
             "connected": self.is_connected(),
             "server": self.server.get().cloned().unwrap_or_default(),
             "now": unix_now(),
@@ -107,7 +109,11 @@ impl Status {
             "redeliveries": get(&self.redeliveries),
             "localClients": get(&self.local_clients),
             "certNotAfter": time(&self.cert_not_after),
-        })
+        });
+        if let Some(mqtt) = self.mqtt.get() {
+            snapshot["mqtt"] = json!(mqtt.stats());
+        }
+        snapshot
     }
 }
 

@@ -202,3 +202,56 @@ fn a_packet_over_the_size_limit_is_skipped_and_the_connection_goes_on() {
     assert_eq!((stats.oversized, stats.connects), (1, 1), "{stats:?}");
     client.stop();
 }
+
+#[test]
+fn tls_to_the_broker_with_a_client_certificate() {
+    let _w = watchdog(Duration::from_secs(60));
+    let certs = support::TempDir::new("mqtt-tls");
+    let pki = edgehub::cloudsim::pki::Pki::generate("mapper-host").unwrap();
+    let paths = pki.write_to(certs.path()).unwrap();
+    let extra = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        paths.ca_cert.display(),
+        paths.server_cert.display(),
+        paths.server_key.display()
+    );
+    let Some(broker) = Mosquitto::start_with_or_skip("tls", &extra) else {
+        return;
+    };
+    let tls_options = |with_client_cert: bool| {
+        options_for(&broker, |c| {
+            c.event_bus.mqtt_server_external = format!("ssl://127.0.0.1:{}", broker.port);
+            c.event_bus.event_bus_tls.enable = true;
+            c.event_bus.event_bus_tls.tls_mqtt_ca_file = paths.ca_cert.clone();
+            if with_client_cert {
+                c.event_bus.event_bus_tls.tls_mqtt_cert_file = paths.client_cert.clone();
+                c.event_bus.event_bus_tls.tls_mqtt_private_key_file = paths.client_key.clone();
+            } else {
+                c.event_bus.event_bus_tls.tls_mqtt_cert_file = Default::default();
+            }
+        })
+    };
+    let mut builder = ClientBuilder::new(tls_options(true));
+    let rx = builder.route(&["secure/#"], 4);
+    let client = builder.start().unwrap();
+    let publisher = client.publisher();
+    wait_until("round trip over tls", || {
+        publisher.publish("secure/x", b"1".to_vec()).unwrap();
+        rx.recv_timeout(Duration::from_millis(200)).is_ok()
+    });
+    client.stop();
+
+    // Without the client certificate the broker refuses; the client keeps trying, never crashes.
+    let client = ClientBuilder::new(tls_options(false)).start().unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // nothing to wait for: it must stay down
+    assert_eq!(client.publisher().stats().connects, 0);
+    client.stop();
+
+    // A CA file that does not exist fails the start, naming the key.
+    let mut options = tls_options(true);
+    if let Some(tls) = options.tls.as_mut() {
+        tls.ca = certs.path().join("missing.crt");
+    }
+    let err = ClientBuilder::new(options).start().err().expect("a missing CA fails").to_string();
+    assert!(err.contains("tlsMqttCAFile"), "{err}");
+}

@@ -225,6 +225,11 @@ impl Stamp {
     /// The stamp of `content`, if it is bench content.
     pub fn of(content: &RawValue) -> Option<Stamp> {
         let text = content.get();
+        if text.starts_with(r#""{\"bench\":"#) {
+            // Bench content sent as a JSON string: an MQTT payload uploaded by the EventBus.
+            let inner: String = serde_json::from_str(text).ok()?;
+            return serde_json::from_str(&inner).ok();
+        }
         if !text.starts_with(r#"{"bench":"#) {
             return None; // cheap reject of everything else (keepalives, status)
         }
@@ -590,6 +595,8 @@ mod tests {
         assert!(stamp.age_ns(unix_ns()) < 60_000_000_000);
         assert!(bench_content(7, 0).get().ends_with(r#""pad":""}"#));
         assert_eq!(Stamp::of(&json_content(r#""ping""#).unwrap()), None);
+        let as_string = text_content(bench_content(7, 130).get());
+        assert_eq!(Stamp::of(&as_string).map(|s| s.seq), Some(7), "an uploaded MQTT payload");
     }
 
     #[test]

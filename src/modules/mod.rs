@@ -4,6 +4,7 @@
 //! [`Module`] handle that owns the thread. Nothing here is specific to one module.
 
 pub mod device_twin;
+pub mod event_bus;
 pub mod local_api;
 pub mod meta_store;
 pub mod node_status;

@@ -12,7 +12,7 @@ use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TrySendError};
 use openssl::ssl::SslConnector;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ const STOP_FLUSH: Duration = Duration::from_secs(2);
 /// The reader wakes this often even when nothing arrives (only to notice a stop it missed).
 const READ_WAKE: Duration = Duration::from_secs(5);
 /// Drops are logged on the first and then every this many.
-const LOG_EVERY: u64 = 1000;
+const LOG_EVERY: u32 = 1000;
 const CLIENT_STACK_BYTES: usize = 128 << 10;
 const READER_STACK_BYTES: usize = 128 << 10;
 
@@ -38,38 +38,38 @@ const READER_STACK_BYTES: usize = 128 << 10;
 pub struct MqttStats {
     pub connected: bool,
     /// Accepted connections (1 + reconnects).
-    pub connects: u64,
+    pub connects: u32,
     /// Publishes sent (QoS 1: acknowledged by the broker).
-    pub published: u64,
+    pub published: u32,
     /// Publishes waiting (queued or in flight).
-    pub queued: u64,
+    pub queued: u32,
     /// Oldest publishes dropped because the queue was full.
-    pub queue_dropped: u64,
+    pub queue_dropped: u32,
     /// Publishes refused by `publish` (too big, bad topic, stopped).
-    pub refused: u64,
+    pub refused: u32,
     /// Publishes received from the broker.
-    pub received: u64,
+    pub received: u32,
     /// Received publishes dropped because the consumer's channel was full.
-    pub delivery_dropped: u64,
+    pub delivery_dropped: u32,
     /// Received publishes no route wanted.
-    pub unrouted: u64,
+    pub unrouted: u32,
     /// Packets from the broker over the size limit, skipped.
-    pub oversized: u64,
+    pub oversized: u32,
 }
 
 #[derive(Default)]
 struct Counters {
-    connects: AtomicU64,
-    published: AtomicU64,
-    queue_dropped: AtomicU64,
-    refused: AtomicU64,
-    received: AtomicU64,
-    delivery_dropped: AtomicU64,
-    unrouted: AtomicU64,
-    oversized: AtomicU64,
+    connects: AtomicU32,
+    published: AtomicU32,
+    queue_dropped: AtomicU32,
+    refused: AtomicU32,
+    received: AtomicU32,
+    delivery_dropped: AtomicU32,
+    unrouted: AtomicU32,
+    oversized: AtomicU32,
 }
 
-fn bump(counter: &AtomicU64) -> u64 {
+fn bump(counter: &AtomicU32) -> u32 {
     counter.fetch_add(1, Ordering::Relaxed) + 1
 }
 
@@ -396,10 +396,10 @@ impl Publisher {
 
     pub fn stats(&self) -> MqttStats {
         let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let get = |a: &AtomicU32| a.load(Ordering::Relaxed);
         let queued = {
             let state = self.shared.lock();
-            (state.queue.len() + state.inflight.len()) as u64
+            (state.queue.len() + state.inflight.len()) as u32
         };
         MqttStats {
             connected: self.is_connected(),

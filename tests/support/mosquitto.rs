@@ -51,7 +51,9 @@ impl Mosquitto {
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+            // `user root`: run as root (CI containers), mosquitto would otherwise switch to the
+            // `mosquitto` user and could not read the test's 0600 key files; ignored otherwise.
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
              log_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
         );
         std::fs::write(&conf, text).unwrap();
