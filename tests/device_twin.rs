@@ -520,3 +520,87 @@ fn devices_and_twins_survive_a_restart() {
     assert_eq!(got["twin"]["temperature"]["expected"]["value"], "25");
     rig.edge.take().unwrap().stop();
 }
+
+/// The next `message` event of group `group` on the local API.
+fn local_event(local: &mut edgehub::local_client::LocalClient, group: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(Instant::now() < deadline, "no {group} event on the local api");
+        let line = local.next_event().unwrap().expect("the local api connection closed");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        if event["event"] == "message" && event["group"] == group {
+            return event;
+        }
+    }
+}
+
+#[test]
+fn the_assembled_agent_runs_the_twin_and_local_subscribers_still_see_twin_and_meta_events() {
+    let _w = watchdog(Duration::from_secs(90));
+    let Some(broker) = Mosquitto::start_or_skip("assembled_agent_runs_the_twin") else { return };
+    let cloud = Cloud::start();
+    let dir = support::TempDir::new("twin-assembled");
+    let mut config = cloud.config();
+    config.event_bus.mqtt_server_external = broker.url();
+    config.event_bus.mqtt_keep_alive = edgehub::config::Seconds(Duration::from_secs(5));
+    config.local_api_socket = dir.path().join("api.sock");
+    config.device_topic_id_segments = 2;
+    config.validate().unwrap();
+    let agent =
+        Agent::start(config.clone(), edgehub::cli::builtin_modules(&config).unwrap()).unwrap();
+    cloud.wait_connected();
+    let mut local = edgehub::local_client::LocalClient::connect(&config.local_api_socket).unwrap();
+    local.subscribe(&["twin".to_owned(), "meta".to_owned()]).unwrap();
+    let mapper = Mapper::start(&broker, &config);
+    mapper.wait_twin_ready(2);
+    let dc = DeviceController::new(NODE);
+
+    // A Device object: stored and ACKed by the resource store, passed on to `meta` subscribers,
+    // and its desired value reaches the mapper.
+    let object = dc.device_object(
+        "default",
+        "valve-1",
+        &[Desired::new("open", "true", "BOOLEAN")],
+        7,
+        "insert",
+    );
+    let object_id = object.header.id.clone();
+    cloud.sim.push(NODE, object);
+    cloud.wait_for("device object acked", |e| match e {
+        SimEvent::Ack { parent_id, .. } if *parent_id == object_id => Some(()),
+        _ => None,
+    });
+    assert_eq!(
+        mapper.wait(&device_topic("default/valve-1", "twin/update/delta"))["delta"],
+        json!({"open":"true"})
+    );
+    assert_eq!(
+        local_event(&mut local, "meta")["message"]["route"]["resource"],
+        "default/device/valve-1"
+    );
+
+    // A cloud twin message: applied, and still seen by `twin` subscribers.
+    cloud.sim.push(
+        NODE,
+        dc.cloud_updated("default/valve-1", &[Desired::new("open", "false", "boolean")], 8),
+    );
+    assert_eq!(
+        mapper.wait_for(&device_topic("default/valve-1", "twin/update/delta"), |d| d["delta"]
+            ["open"]
+            == "false")["delta"],
+        json!({"open":"false"})
+    );
+    let event = local_event(&mut local, "twin");
+    assert_eq!(event["message"]["route"]["resource"], "device/default/valve-1/twin/cloud_updated");
+
+    // A report reaches the cloud.
+    mapper.publish(
+        &device_topic("default/valve-1", "twin/update"),
+        &json!({"twin":{"open":{"actual":{"value":"false"}}}}),
+    );
+    let up = cloud.wait_received("edge_updated", |m| {
+        m.route.resource == "device/default/valve-1/twin/edge_updated"
+    });
+    assert_eq!(body(&up)["twin"]["open"]["actual"]["value"], "false");
+    agent.stop();
+}
