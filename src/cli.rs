@@ -263,7 +263,7 @@ fn mqtt_modules(
         device_twin::Links {
             mqtt_in: twin_rx,
             mqtt_out: client.publisher(),
-            meta_in: std::mem::replace(changes, Some(twin_changes_rx)),
+            meta_in: changes.replace(twin_changes_rx),
             meta_out: Some(twin_changes_tx),
             local_out: Some(forward_tx.clone()),
         },
