@@ -155,7 +155,7 @@ mosquitto_pub -h 127.0.0.1 -p "$port" -t '$hw/events/device/thermo-1/twin/update
 wait_for "$work/mapper.out" 'thermo-1/twin/update/result'
 show "$work/mapper.out" 'thermo-1/twin/update/result'
 wait_for "$work/sim.events" 'twin/edge_updated'
-show "$work/sim.events" 'twin/edge_updated'
+echo "   cloud: $(grep 'twin/edge_updated' "$work/sim.events" | tail -n 1 | grep -o '"resource":"[^"]*".*' | cut -c1-230)"
 echo "   the cloud sets desired 26; the mapper prints the delta"
 echo "push $node {\"header\":{\"msg_id\":\"$(cat /proc/sys/kernel/random/uuid)\",\"timestamp\":$(date +%s)000},\"route\":{\"source\":\"devicecontroller\",\"group\":\"twin\",\"operation\":\"update\",\"resource\":\"device/thermo-1/twin/cloud_updated\"},\"content\":{\"event_id\":\"c1\",\"timestamp\":$(date +%s)000,\"twin\":{\"temperature\":{\"expected\":{\"value\":\"26\"},\"optional\":false,\"metadata\":{\"type\":\"float\"},\"expected_version\":{\"cloud\":4790,\"edge\":0}}}}}" >&3
 wait_for "$work/mapper.out" '"delta":{"temperature":"26"}'

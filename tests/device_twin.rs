@@ -604,3 +604,54 @@ fn the_assembled_agent_runs_the_twin_and_local_subscribers_still_see_twin_and_me
     assert_eq!(body(&up)["twin"]["open"]["actual"]["value"], "false");
     agent.stop();
 }
+
+#[test]
+fn a_stored_device_object_the_twin_never_applied_is_applied_at_start() {
+    let _w = watchdog(Duration::from_secs(90));
+    let Some(mut rig) = rig("stored_device_object_applied_at_start", 2, |_, _| {}) else { return };
+    let object = rig.dc.device_object(
+        "default",
+        "pump-1",
+        &[Desired::new("speed", "3", "INT")],
+        21,
+        "insert",
+    );
+    rig.cloud.sim.push(NODE, object);
+    assert_eq!(
+        rig.mapper.wait(&device_topic("default/pump-1", "twin/update/delta"))["delta"],
+        json!({"speed":"3"})
+    );
+    rig.edge.take().unwrap().stop();
+    // As if the agent had died after the resource store ACKed the object and before the twin
+    // stored its desired values: the twin's store lacks the device.
+    std::fs::remove_dir_all(rig.config.state_dir.join("twin")).unwrap();
+    rig.edge = Some(start_edge(&rig.config, &rig.broker));
+    let delta = rig.mapper.wait(&device_topic("default/pump-1", "twin/update/delta"));
+    assert_eq!(delta["delta"], json!({"speed":"3"}));
+    rig.mapper.wait_twin_ready(2);
+    rig.mapper.publish(&device_topic("default/pump-1", "twin/get"), &json!({"event_id":"g"}));
+    let got = rig.mapper.wait(&device_topic("default/pump-1", "twin/get/result"));
+    assert_eq!(got["twin"]["speed"]["expected"]["value"], "3");
+    assert_eq!(got["twin"]["speed"]["metadata"]["type"], "int");
+    // A second restart with everything applied re-sends nothing.
+    rig.edge.take().unwrap().stop();
+    rig.edge = Some(start_edge(&rig.config, &rig.broker));
+    // The twin publishes in order: a catch-up delta would come before the first get/result.
+    let result = device_topic("default/pump-1", "twin/get/result");
+    let mut seen = Vec::new();
+    wait_until("twin answers after the second restart", || {
+        rig.mapper.publish(&device_topic("default/pump-1", "twin/get"), &json!({"event_id":"g2"}));
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Ok(p) =
+            rig.mapper.rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            seen.push(p.topic.clone());
+            if p.topic == result {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(!seen.iter().any(|t| t.ends_with("/delta")), "nothing re-sent: {seen:?}");
+    rig.edge.take().unwrap().stop();
+}

@@ -7,9 +7,13 @@
 
 use super::model::{DeviceMsg, MsgTwin, TwinValue, TwinVersion, TypeMetadata};
 use super::rules::{Devices, Settings};
-use crate::message::{group, operation, Message};
+use crate::message::{group, operation, Message, Route};
+use crate::modules::meta_store;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
 
 /// What a resource message means for the twin.
 #[derive(Debug, PartialEq, Eq)]
@@ -121,6 +125,62 @@ pub fn from_resource(
     })))
 }
 
+/// True when applying `device` (an upsert from a stored Device object) would change the twin:
+/// the device is missing, or a desired value or its resourceVersion is not what is stored. Used
+/// at start, so a restart does not rewrite every twin and re-send every delta.
+pub fn is_news(devices: &Devices, device: &DeviceMsg) -> bool {
+    let Some(stored) = devices.get(&device.id) else { return true };
+    device.twin.iter().flatten().any(|(key, twin)| {
+        let Some(twin) = twin else { return false };
+        let Some(have) = stored.twin.get(key) else { return true };
+        let want_value = twin.expected.as_ref().and_then(|e| e.value.as_deref());
+        let have_value = have.expected.as_ref().and_then(|e| e.value.as_deref());
+        let want_cloud = twin.expected_version.map_or(0, |v| v.cloud);
+        let have_cloud = have.expected_version.map_or(0, |v| v.cloud);
+        want_value != have_value || want_cloud > have_cloud
+    })
+}
+
+/// The Device objects the resource store holds (`<state_dir>/meta/<ns>/device/<name>.json`), as
+/// the messages that brought them. Lets the twin catch up at start with an object stored and
+/// ACKed whose desired values it never applied (a crash in between, or a full change queue).
+/// Unreadable records are skipped (the store logs its own problems).
+pub fn stored_objects(state_dir: &Path) -> Vec<Message> {
+    let root = state_dir.join(meta_store::STORE_DIR);
+    let mut found = Vec::new();
+    let Ok(namespaces) = fs::read_dir(&root) else { return found };
+    for ns in namespaces.flatten() {
+        let Some(namespace) = ns.file_name().to_str().map(str::to_owned) else { continue };
+        let Ok(files) = fs::read_dir(ns.path().join("device")) else { continue };
+        for file in files.flatten() {
+            let file_name = file.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(bytes) = fs::read(file.path()) else { continue };
+            let Ok(record) = serde_json::from_slice::<StoredRecord>(&bytes) else { continue };
+            let route = Route {
+                group: group::RESOURCE.to_owned(),
+                operation: operation::UPDATE.to_owned(),
+                resource: format!("{namespace}/device/{name}"),
+                ..Route::default()
+            };
+            let mut msg = Message::new(route, record.content);
+            msg.header.resource_version = record.resource_version;
+            found.push(msg);
+        }
+    }
+    found
+}
+
+/// A resource store record: `{"resourceVersion", "msgId", "content"}`.
+#[derive(Deserialize)]
+struct StoredRecord {
+    #[serde(rename = "resourceVersion", default)]
+    resource_version: String,
+    content: Box<RawValue>,
+}
+
 /// A DeviceModel property type (`INT`, `FLOAT`, `DOUBLE`, `BOOLEAN`, `STRING`, …) as a twin type.
 fn twin_type(kind: &str) -> &'static str {
     match kind.to_ascii_lowercase().as_str() {
@@ -134,7 +194,6 @@ fn twin_type(kind: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Route;
 
     fn msg(op: &str, resource: &str, rv: &str, content: &str) -> Message {
         let route = Route {
@@ -183,5 +242,40 @@ mod tests {
         assert!(from_resource(&msg("update", "default/device/x", "1", "[1]"), &s, &Devices::new())
             .unwrap()
             .is_err());
+    }
+
+    #[test]
+    fn stored_objects_are_read_back_and_only_news_is_applied() {
+        let dir =
+            std::env::temp_dir().join(format!("edgehub-device-objects-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let folder = dir.join("meta/default/device");
+        fs::create_dir_all(&folder).unwrap();
+        let body = r#"{"metadata":{"name":"t1"},"spec":{"properties":[{"name":"temp","desired":{"value":"26"}}]}}"#;
+        fs::write(
+            folder.join("t1.json"),
+            format!(r#"{{"resourceVersion":"5","msgId":"m","content":{body}}}"#),
+        )
+        .unwrap();
+        fs::write(folder.join("bad.json"), "{cut").unwrap();
+        let found = stored_objects(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].route.resource.as_str(), found[0].header.resource_version.as_str()),
+            ("default/device/t1", "5")
+        );
+        let s = Settings { node_name: "n".into(), id_segments: 1 };
+        let Some(Ok(DeviceEvent::Upsert(device))) = from_resource(&found[0], &s, &Devices::new())
+        else {
+            panic!("an upsert")
+        };
+        let mut devices = Devices::new();
+        assert!(is_news(&devices, &device));
+        let effects = super::super::rules::desired_values(&devices, "n", device.clone(), 1);
+        for change in &effects.store {
+            super::super::rules::apply(&mut devices, change);
+        }
+        assert!(!is_news(&devices, &device), "applied once, not again at the next start");
     }
 }

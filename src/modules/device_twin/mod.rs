@@ -33,7 +33,7 @@ use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use device_object::DeviceEvent;
 pub use rules::Publish;
 use rules::{Devices, Effects};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use store::DeviceStore;
@@ -97,7 +97,7 @@ pub fn spec(settings: Settings, links: Links) -> Result<(ModuleSpec, TwinHandle)
     let handle = TwinHandle { counters: Arc::clone(&counters) };
     let spec = ModuleSpec::new(MODULE_NAME, &[bus_group::TWIN], move |ctx| {
         let state = Twin { store, devices, settings: settings.rules, connected: false, counters };
-        run(state, ctx, links);
+        run(state, ctx, links, settings.state_dir);
     });
     Ok((spec, handle))
 }
@@ -111,8 +111,9 @@ struct Twin {
     counters: Arc<Counters>,
 }
 
-fn run(mut twin: Twin, ctx: ModuleContext, links: Links) {
+fn run(mut twin: Twin, ctx: ModuleContext, links: Links, state_dir: PathBuf) {
     let Links { mqtt_in, mqtt_out, meta_in, meta_out, local_out } = links;
+    twin.catch_up(&ctx.hub, &mqtt_out, &state_dir);
     let mut mqtt_in = mqtt_in;
     let mut meta_in = meta_in.unwrap_or_else(never);
     loop {
@@ -146,6 +147,23 @@ impl Counters {
 }
 
 impl Twin {
+    /// Applies the stored Device objects whose desired values the twin does not have yet.
+    fn catch_up(&mut self, hub: &Hub, mqtt_out: &Publisher, state_dir: &Path) {
+        for msg in device_object::stored_objects(state_dir) {
+            let Some(Ok(DeviceEvent::Upsert(device))) =
+                device_object::from_resource(&msg, &self.settings, &self.devices)
+            else {
+                continue;
+            };
+            if device_object::is_news(&self.devices, &device) {
+                log::info!("twin: applying stored device object {:?}", device.id);
+                let node = self.settings.node_name.clone();
+                let effects = rules::desired_values(&self.devices, &node, device, now_millis());
+                self.execute(hub, mqtt_out, effects);
+            }
+        }
+    }
+
     fn on_inbox(
         &mut self,
         hub: &Hub,
