@@ -9,6 +9,8 @@
 #   sync c1, c16    request/response with 1 and 16 in flight (the simulator answers at once)
 #   durable         cloud→edge at max through the real resource store (fsync, then ACK)
 #   mqtt→cloud      1k/s and max MQTT publishes through mosquitto and the EventBus (device binary)
+#   twin reports    1k/s and max twin reports of a mapper (100 devices) through mosquitto and the
+#                   DeviceTwin (store, result, edge_updated) to the cloud (device binary)
 # Each load scenario runs BENCH_SECS (20) seconds, idle BENCH_IDLE_SECS (60); about 5 minutes in
 # all after the build. The bench raises messageQPS/messageBurst (see edgehub-bench's bench_config
 # line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync'
@@ -125,9 +127,14 @@ JSON
 # broker, and edgehub-mqtt-load publishing bench content at QoS 1 on an upload topic
 # (default/user/bench) at OFFERED per second (-1: as fast as the broker takes them). The cloud
 # counts what arrives; the agent's CPU and memory are read from /proc, its drops from
-# `edgehub status --json`.   run_mqtt NAME OFFERED
+# `edgehub status --json`.   run_mqtt NAME OFFERED [TWIN_DEVICES]
+# With TWIN_DEVICES (issue 13, DeviceTwin), the cloud first adds devices bench-0… to the node and
+# the publisher acts as a mapper reporting one twin of each device in turn (every report is a
+# durable write, a result publish and an `edge_updated`); the cloud counts the reports that reach
+# it. Reports of one device waiting together in the outbox are coalesced (latest wins), which the
+# table shows as lost.
 run_mqtt() {
-  local name=$1 offered=$2
+  local name=$1 offered=$2 twin_devices=${3:-0}
   wanted "$name" || return 0
   command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] ||
     { echo "bench: $name skipped: no mosquitto (scripts/setup.sh installs it)" >&2; return 0; }
@@ -156,10 +163,20 @@ JSON
     agent_status | grep -q '"mqtt":{"connected":true' && break
     sleep 0.1
   done
+  if [ "$twin_devices" -gt 0 ]; then
+    local devices="" i
+    for i in $(seq 0 $((twin_devices - 1))); do devices="$devices${devices:+,}{\"id\":\"bench-$i\",\"name\":\"bench-$i\"}"; done
+    echo "push bench-gw {\"header\":{\"msg_id\":\"$(cat /proc/sys/kernel/random/uuid)\",\"timestamp\":0},\"route\":{\"source\":\"devicecontroller\",\"group\":\"twin\",\"operation\":\"update\",\"resource\":\"membership\"},\"content\":{\"event_id\":\"bench\",\"timestamp\":0,\"added_devices\":[$devices],\"removed_devices\":null}}" >&3
+    for _ in $(seq 200); do
+      [ "$(find "$work/mqtt-state/twin" -name '*.json' 2>/dev/null | wc -l)" -ge "$twin_devices" ] && break
+      sleep 0.1
+    done
+  fi
   local cpu0 cpu1 t0 t1
   cpu0=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
   t0=$(date +%s.%N)
   "$bin/edgehub-mqtt-load" --broker "tcp://127.0.0.1:$port" --rate "$offered" --duration "$secs" \
+    --twin-devices "$twin_devices" \
     >"$work/mqtt-load.out" || { echo "bench: $name: publisher failed"; cat "$work/mqtt-load.out"; }
   sleep 2 # what the broker holds reaches the agent and the cloud
   cpu1=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
@@ -202,6 +219,8 @@ run_load "sync c16" sync "16 in flight" "--send-rate 0" "--sync --concurrency 16
 run_load "durable store ingest" durable max "--send-rate -1 $ack" "--durable"
 run_mqtt "mqtt→cloud 1k" 1000
 run_mqtt "mqtt→cloud max" -1
+run_mqtt "twin reports→cloud 1k" 1000 100
+run_mqtt "twin reports→cloud max" -1 100
 
 {
   echo "# edgehub benchmarks, $stamp"

@@ -18,8 +18,8 @@ work=$(mktemp -d /tmp/edgehub-demo.XXXXXX)
 sim_pid="" agent_pid="" broker_pid="" mapper_pid=""
 cleanup() {
   exec 3>&- 2>/dev/null || true
-  [ -n "$mapper_pid" ] && kill "$mapper_pid" 2>/dev/null || true
-  [ -n "$broker_pid" ] && kill "$broker_pid" 2>/dev/null || true
+  [ -z "$mapper_pid" ] || kill "$mapper_pid" 2>/dev/null || true
+  [ -z "$broker_pid" ] || kill "$broker_pid" 2>/dev/null || true
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true
   [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null || true
   wait 2>/dev/null || true

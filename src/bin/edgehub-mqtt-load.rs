@@ -34,6 +34,20 @@ struct Args {
     /// publishes queued or unacknowledged at most before waiting (default 1000)
     #[argh(option, default = "1000")]
     window: u32,
+    /// act as a twin mapper instead: report twin `bench` of devices `bench-0`…`bench-<N-1>` in
+    /// turn on `$hw/events/device/<id>/twin/update`, the value `<seq>:<sent ns>` (default 0: off)
+    #[argh(option, default = "0")]
+    twin_devices: u64,
+}
+
+/// A mapper's twin report of device `bench-<seq % devices>`: its `bench` twin's value carries the
+/// stamp, so the simulator can read it back from `edge_updated`.
+fn twin_report(seq: u64, devices: u64) -> (String, Vec<u8>) {
+    let topic = format!("$hw/events/device/bench-{}/twin/update", seq % devices);
+    let value = format!("{seq}:{}", edgehub::cloudsim::load::unix_ns());
+    let payload =
+        json!({"event_id": seq.to_string(), "twin": {"bench": {"actual": {"value": value}}}});
+    (topic, payload.to_string().into_bytes())
 }
 
 fn main() -> ExitCode {
@@ -85,8 +99,12 @@ fn main() -> ExitCode {
             std::thread::sleep(Duration::from_micros(200)); // the broker is behind: wait for it
             continue;
         }
-        let payload = bench_content(seq, args.size).get().as_bytes().to_vec();
-        if let Err(e) = publisher.publish(&args.topic, payload) {
+        let (topic, payload) = if args.twin_devices > 0 {
+            twin_report(seq, args.twin_devices)
+        } else {
+            (args.topic.clone(), bench_content(seq, args.size).get().as_bytes().to_vec())
+        };
+        if let Err(e) = publisher.publish(&topic, payload) {
             eprintln!("edgehub-mqtt-load: publish: {e}");
             return ExitCode::from(1);
         }

@@ -230,10 +230,23 @@ impl Stamp {
             let inner: String = serde_json::from_str(text).ok()?;
             return serde_json::from_str(&inner).ok();
         }
+        if text.starts_with(r#"{"event_id":"#) {
+            return Stamp::of_twin_report(text);
+        }
         if !text.starts_with(r#"{"bench":"#) {
             return None; // cheap reject of everything else (keepalives, status)
         }
         serde_json::from_str(text).ok()
+    }
+
+    /// The stamp in an `edge_updated` of a bench mapper (`edgehub-mqtt-load --twin-devices`): the
+    /// `bench` twin's reported value is `<seq>:<sent ns>`.
+    fn of_twin_report(text: &str) -> Option<Stamp> {
+        const MARK: &str = r#""twin":{"bench":{"actual":{"value":""#;
+        let start = text.find(MARK)? + MARK.len();
+        let value = &text[start..start + text[start..].find('"')?];
+        let (seq, sent_ns) = value.split_once(':')?;
+        Some(Stamp { seq: seq.parse().ok()?, sent_ns: sent_ns.parse().ok()? })
     }
 
     /// Nanoseconds from `sent_ns` to `now_ns` (0 if the clock stepped back).
@@ -597,6 +610,10 @@ mod tests {
         assert_eq!(Stamp::of(&json_content(r#""ping""#).unwrap()), None);
         let as_string = text_content(bench_content(7, 130).get());
         assert_eq!(Stamp::of(&as_string).map(|s| s.seq), Some(7), "an uploaded MQTT payload");
+        let twin = r#"{"event_id":"e","timestamp":1,"twin":{"bench":{"actual":{"value":"9:123","metadata":{"timestamp":1}}}}}"#;
+        let stamp = Stamp::of(&json_content(twin).unwrap()).unwrap();
+        assert_eq!((stamp.seq, stamp.sent_ns), (9, 123), "a bench mapper's edge_updated");
+        assert_eq!(Stamp::of(&json_content(r#"{"event_id":"e","twin":{}}"#).unwrap()), None);
     }
 
     #[test]
