@@ -48,6 +48,8 @@ pub struct Status {
     pub control_answered: AtomicU32,
     /// The MQTT client's counters, once the EventBus has started one (issue 13).
     pub mqtt: OnceLock<crate::mqtt::Publisher>,
+    /// DeviceTwin's counters, once its module runs (issue 13).
+    pub twin: OnceLock<crate::modules::device_twin::TwinHandle>,
 }
 
 impl Status {
@@ -112,6 +114,9 @@ impl Status {
         });
         if let Some(mqtt) = self.mqtt.get() {
             snapshot["mqtt"] = json!(mqtt.stats());
+        }
+        if let Some(twin) = self.twin.get() {
+            snapshot["twin"] = twin.stats_json();
         }
         snapshot
     }

@@ -602,6 +602,10 @@ fn the_assembled_agent_runs_the_twin_and_local_subscribers_still_see_twin_and_me
         m.route.resource == "device/default/valve-1/twin/edge_updated"
     });
     assert_eq!(body(&up)["twin"]["open"]["actual"]["value"], "false");
+    let twin = agent.hub().status_json()["twin"].clone();
+    assert_eq!(twin["devices"], 1, "{twin}");
+    assert!(twin["mqttHandled"].as_u64().unwrap() >= 2, "{twin}");
+    assert_eq!(twin["storeFailures"], 0, "{twin}");
     agent.stop();
 }
 

@@ -63,9 +63,11 @@ pub struct Links {
     pub local_out: Option<Sender<Message>>,
 }
 
-/// What the module counts; read with [`TwinHandle::stats`].
+/// What the module counts; shown under `twin` in `edgehub status --json`.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Devices in the store.
+    pub devices: AtomicU32,
     pub mqtt_handled: AtomicU32,
     pub cloud_handled: AtomicU32,
     pub publishes_dropped: AtomicU32,
@@ -84,6 +86,21 @@ impl TwinHandle {
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
+
+    /// The counters as `edgehub status --json` shows them.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let get = |n: &AtomicU32| n.load(Ordering::Relaxed);
+        serde_json::json!({
+            "devices": get(&c.devices),
+            "mqttHandled": get(&c.mqtt_handled),
+            "cloudHandled": get(&c.cloud_handled),
+            "publishesDropped": get(&c.publishes_dropped),
+            "localDropped": get(&c.local_dropped),
+            "storeFailures": get(&c.store_failures),
+            "outboxRefused": get(&c.outbox_refused),
+        })
+    }
 }
 
 /// The twin module. The store is opened (and loaded) here, so a state dir the agent cannot use
@@ -95,7 +112,10 @@ pub fn spec(settings: Settings, links: Links) -> Result<(ModuleSpec, TwinHandle)
     let (store, devices) = DeviceStore::open(&settings.state_dir)?;
     let counters = Arc::new(Counters::default());
     let handle = TwinHandle { counters: Arc::clone(&counters) };
+    counters.devices.store(devices.len() as u32, Ordering::Relaxed);
+    let status_handle = handle.clone();
     let spec = ModuleSpec::new(MODULE_NAME, &[bus_group::TWIN], move |ctx| {
+        let _ = ctx.hub.status().twin.set(status_handle); // one twin module per agent
         let state = Twin { store, devices, settings: settings.rules, connected: false, counters };
         run(state, ctx, links, settings.state_dir);
     });
@@ -233,6 +253,7 @@ impl Twin {
         for change in &effects.store {
             rules::apply(&mut self.devices, change);
         }
+        self.counters.devices.store(self.devices.len() as u32, Ordering::Relaxed);
         for p in effects.publish {
             self.publish(mqtt_out, p);
         }
