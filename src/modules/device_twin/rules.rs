@@ -24,6 +24,8 @@ pub type Devices = BTreeMap<String, Device>;
 pub const SOURCE: &str = "twin";
 /// Device states a mapper may report (REF's list plus HEAD's `unhealthy`, compared lower-case).
 pub const STATES: [&str; 6] = ["online", "offline", "ok", "unknown", "disconnected", "unhealthy"];
+/// Most twins one device keeps; a new key beyond it is refused (REST: 400) or skipped (Sync).
+pub const MAX_TWINS_PER_DEVICE: usize = 1024;
 pub const CODE_BAD_REQUEST: u16 = 400;
 pub const CODE_NOT_FOUND: u16 = 404;
 pub const CODE_INTERNAL: u16 = 500;
@@ -153,12 +155,14 @@ pub fn on_cloud(devices: &Devices, settings: &Settings, msg: &Message, now: i64)
     }
     let resource = msg.route.resource.as_str();
     let content = msg.content.get().as_bytes();
-    if resource.contains("membership/detail") {
-        membership_detail(devices, &settings.node_name, content, now)
-    } else if resource.contains("membership") {
-        membership_update(devices, &settings.node_name, content, now)
-    } else if let Some(id) = cloud_updated_id(resource) {
+    // `cloud_updated` first: Go tests for "membership" anywhere first, so a device whose name
+    // contains it would be taken for a membership message.
+    if let Some(id) = cloud_updated_id(resource) {
         twin_update(devices, id, content, Deal::Sync, now)
+    } else if resource.contains("membership/detail") {
+        membership_detail(devices, &settings.node_name, content, now)
+    } else if resource.contains("membership") && !resource.starts_with("device/") {
+        membership_update(devices, &settings.node_name, content, now)
     } else if msg.route.operation.contains("updated") {
         match resource.strip_prefix("device/") {
             Some(id) if !id.is_empty() => attributes_update(devices, id, content, now),
@@ -586,6 +590,11 @@ fn add_twin(
             Ok(())
         };
     };
+    if device.twin.len() >= MAX_TWINS_PER_DEVICE {
+        // Not in KubeEdge: a bound, so a mapper inventing keys cannot fill memory and disk.
+        let reason = format!("the device has {MAX_TWINS_PER_DEVICE} twins, the most kept");
+        return if deal == Deal::Rest { Err(reason) } else { Ok(()) };
+    }
     let kind = msg.metadata.as_ref().map_or(TYPE_STRING.to_owned(), |m| m.kind.clone());
     let mut twin = MsgTwin::default();
     if deal != Deal::Rest && kind == TYPE_DELETED {

@@ -457,3 +457,38 @@ fn detail_request_and_last_online_format() {
     assert_eq!(last_online_text(0), "1970-01-01 00:00:00");
     assert_eq!(last_online_text(951_782_400_000), "2000-02-29 00:00:00");
 }
+
+#[test]
+fn a_device_named_like_membership_gets_its_cloud_updated_and_twins_are_bounded() {
+    let mut devices = Devices::new();
+    let add = cloud("membership", json!({"added_devices":[{"id":"membership-x"}]}));
+    let e = on_cloud(&devices, &settings(), &add, T);
+    commit(&mut devices, &e);
+    let sync = cloud(
+        "device/membership-x/twin/cloud_updated",
+        json!({"twin":{"t":{"expected":{"value":"1"},"expected_version":{"cloud":1,"edge":0}}}}),
+    );
+    let e = on_cloud(&devices, &settings(), &sync, T);
+    commit(&mut devices, &e);
+    assert!(devices["membership-x"].twin.contains_key("t"));
+
+    let topic = "$hw/events/device/membership-x/twin/update";
+    let filler = devices["membership-x"].twin["t"].clone();
+    let device = devices.get_mut("membership-x").unwrap();
+    for i in 1..MAX_TWINS_PER_DEVICE {
+        device.twin.insert(format!("k{i}"), filler.clone());
+    }
+    assert_eq!(devices["membership-x"].twin.len(), MAX_TWINS_PER_DEVICE);
+    let over = on_mqtt(
+        &devices,
+        &settings(),
+        topic,
+        br#"{"event_id":"o","twin":{"one-more":{"actual":{"value":"1"}}}}"#,
+        T,
+    );
+    assert!(over.store.is_empty());
+    assert_eq!(published(&over)[0].1["code"], 400);
+    let update =
+        on_mqtt(&devices, &settings(), topic, br#"{"twin":{"k1":{"actual":{"value":"2"}}}}"#, T);
+    assert_eq!(update.store.len(), 1, "existing twins still update");
+}
