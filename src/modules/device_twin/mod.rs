@@ -33,7 +33,7 @@ use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use device_object::DeviceEvent;
 pub use rules::Publish;
 use rules::{Devices, Effects};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use store::DeviceStore;
@@ -116,8 +116,15 @@ pub fn spec(settings: Settings, links: Links) -> Result<(ModuleSpec, TwinHandle)
     let status_handle = handle.clone();
     let spec = ModuleSpec::new(MODULE_NAME, &[bus_group::TWIN], move |ctx| {
         let _ = ctx.hub.status().twin.set(status_handle); // one twin module per agent
-        let state = Twin { store, devices, settings: settings.rules, connected: false, counters };
-        run(state, ctx, links, settings.state_dir);
+        let state = Twin {
+            store,
+            devices,
+            settings: settings.rules,
+            state_dir: settings.state_dir,
+            connected: false,
+            counters,
+        };
+        run(state, ctx, links);
     });
     Ok((spec, handle))
 }
@@ -126,14 +133,16 @@ struct Twin {
     store: DeviceStore,
     devices: Devices,
     settings: rules::Settings,
+    /// Where the resource store keeps Device objects (read by `catch_up`).
+    state_dir: PathBuf,
     /// Last connection event seen: the detail request goes up on each transition to connected.
     connected: bool,
     counters: Arc<Counters>,
 }
 
-fn run(mut twin: Twin, ctx: ModuleContext, links: Links, state_dir: PathBuf) {
+fn run(mut twin: Twin, ctx: ModuleContext, links: Links) {
     let Links { mqtt_in, mqtt_out, meta_in, meta_out, local_out } = links;
-    twin.catch_up(&ctx.hub, &mqtt_out, &state_dir);
+    twin.catch_up(&ctx.hub, &mqtt_out);
     let mut mqtt_in = mqtt_in;
     let mut meta_in = meta_in.unwrap_or_else(never);
     loop {
@@ -167,9 +176,10 @@ impl Counters {
 }
 
 impl Twin {
-    /// Applies the stored Device objects whose desired values the twin does not have yet.
-    fn catch_up(&mut self, hub: &Hub, mqtt_out: &Publisher, state_dir: &Path) {
-        for msg in device_object::stored_objects(state_dir) {
+    /// Applies the stored Device objects whose desired values the twin does not have yet: at
+    /// start and at each connect.
+    fn catch_up(&mut self, hub: &Hub, mqtt_out: &Publisher) {
+        for msg in device_object::stored_objects(&self.state_dir) {
             let Some(Ok(DeviceEvent::Upsert(device))) =
                 device_object::from_resource(&msg, &self.settings, &self.devices)
             else {
@@ -195,6 +205,8 @@ impl Twin {
             match msg.content_text().as_deref() {
                 Some(CLOUD_CONNECTED) if !self.connected => {
                     self.connected = true;
+                    // Also covers Device objects whose change event was dropped (a full queue).
+                    self.catch_up(hub, mqtt_out);
                     let request =
                         rules::membership_detail_request(&self.settings.node_name, now_millis());
                     self.send_up(hub, request);
