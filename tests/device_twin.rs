@@ -659,3 +659,33 @@ fn a_stored_device_object_the_twin_never_applied_is_applied_at_start() {
     assert!(!seen.iter().any(|t| t.ends_with("/delta")), "nothing re-sent: {seen:?}");
     rig.edge.take().unwrap().stop();
 }
+
+#[test]
+fn a_report_the_store_cannot_write_is_answered_500_and_changes_nothing() {
+    let _w = watchdog(Duration::from_secs(90));
+    let Some(rig) = rig("store_failure_answers_500", 1, |_, _| {}) else { return };
+    rig.add_thermo("thermo-1");
+    let file = rig.config.state_dir.join("twin/thermo-1.json");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap(); // the rename into place now fails
+    let report = json!({"event_id":"r1","twin":{"temperature":{"actual":{"value":"23.5"}}}});
+    rig.mapper.publish(&device_topic("thermo-1", "twin/update"), &report);
+    let failed = rig.mapper.wait(&device_topic("thermo-1", "twin/update/result"));
+    assert_eq!((failed["code"].clone(), failed["event_id"].clone()), (json!(500), json!("r1")));
+    rig.mapper.publish(&device_topic("thermo-1", "twin/get"), &json!({"event_id":"g"}));
+    let got = rig.mapper.wait(&device_topic("thermo-1", "twin/get/result"));
+    assert!(got["twin"]["temperature"].get("actual").is_none(), "nothing applied: {got}");
+    std::fs::remove_dir(&file).unwrap();
+    rig.mapper.publish(
+        &device_topic("thermo-1", "twin/update"),
+        &json!({"event_id":"r2","twin":{"temperature":{"actual":{"value":"23.5"}}}}),
+    );
+    let ok = rig.mapper.wait(&device_topic("thermo-1", "twin/update/result"));
+    assert_eq!(ok["event_id"], "r2");
+    assert!(ok.get("code").is_none(), "{ok}");
+    assert_eq!(
+        body(&rig.edge_updated("thermo-1"))["twin"]["temperature"]["actual_version"],
+        json!({"cloud":0,"edge":1})
+    );
+    rig.edge.unwrap().stop();
+}

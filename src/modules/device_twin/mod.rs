@@ -31,8 +31,10 @@ use crate::mqtt::Publisher;
 use crate::router::bus_group;
 use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use device_object::DeviceEvent;
+use model::Device;
 pub use rules::Publish;
-use rules::{Devices, Effects};
+use rules::{Devices, Effects, StoreChange};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -40,6 +42,8 @@ use store::DeviceStore;
 
 /// Name of the module (its thread is `eh-twin`).
 pub const MODULE_NAME: &str = "twin";
+/// Most mapper publishes committed together (one folder fsync, one fsync per touched device).
+pub const MQTT_BATCH: usize = 64;
 
 /// What the module needs from the configuration.
 #[derive(Clone, Debug)]
@@ -152,12 +156,7 @@ fn run(mut twin: Twin, ctx: ModuleContext, links: Links) {
                 Err(_) => break, // the agent is stopping
             },
             recv(mqtt_in) -> publish => match publish {
-                Ok(p) => {
-                    Counters::bump(&twin.counters.mqtt_handled);
-                    let now = now_millis();
-                    let effects = rules::on_mqtt(&twin.devices, &twin.settings, &p.topic, &p.payload, now);
-                    twin.execute(&ctx.hub, &mqtt_out, effects);
-                }
+                Ok(p) => twin.on_mqtt_batch(&ctx.hub, &mqtt_out, p, &mqtt_in),
                 Err(_) => mqtt_in = never(), // the MQTT client stopped; the cloud side goes on
             },
             recv(meta_in) -> msg => match msg {
@@ -250,6 +249,76 @@ impl Twin {
             }
         };
         self.execute(hub, mqtt_out, effects);
+    }
+
+    /// Group commit of mapper publishes: `first` and whatever else waits (up to
+    /// [`MQTT_BATCH`]) go through the rules one after another on the in-memory state, the devices
+    /// they touched are written with one folder fsync, and only then are the answers published
+    /// and the messages for the cloud queued, in order. If the write fails, every touched device
+    /// is put back and each report that needed the write gets its failure answer instead.
+    fn on_mqtt_batch(
+        &mut self,
+        hub: &Hub,
+        mqtt_out: &Publisher,
+        first: Publish,
+        rx: &Receiver<Publish>,
+    ) {
+        let mut undo: BTreeMap<String, Option<Device>> = BTreeMap::new();
+        let mut answers: Vec<(bool, Effects)> = Vec::new();
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            Counters::bump(&self.counters.mqtt_handled);
+            let mut effects =
+                rules::on_mqtt(&self.devices, &self.settings, &p.topic, &p.payload, now_millis());
+            for change in &effects.store {
+                let id = match change {
+                    StoreChange::Put(device) => device.id.clone(),
+                    StoreChange::Remove(id) => id.clone(),
+                };
+                let before = self.devices.get(&id).cloned();
+                undo.entry(id).or_insert(before);
+                rules::apply(&mut self.devices, change);
+            }
+            let wrote = !effects.store.is_empty();
+            effects.store.clear();
+            answers.push((wrote, effects));
+            if answers.len() < MQTT_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        let changes: Vec<StoreChange> = undo
+            .keys()
+            .map(|id| match self.devices.get(id) {
+                Some(device) => StoreChange::Put(device.clone()),
+                None => StoreChange::Remove(id.clone()),
+            })
+            .collect();
+        if let Err(e) = self.store.write(&changes, &self.devices) {
+            let n = Counters::bump(&self.counters.store_failures);
+            log::error!("twin: {e}; keeping the previous state ({n} store failures since start)");
+            for (id, before) in undo {
+                match before {
+                    Some(device) => self.devices.insert(id, device),
+                    None => self.devices.remove(&id),
+                };
+            }
+            for (wrote, effects) in answers {
+                let publishes = if wrote { effects.on_store_failure } else { effects.publish };
+                for p in publishes {
+                    self.publish(mqtt_out, p);
+                }
+            }
+            return;
+        }
+        self.counters.devices.store(self.devices.len() as u32, Ordering::Relaxed);
+        for (_, effects) in answers {
+            for p in effects.publish {
+                self.publish(mqtt_out, p);
+            }
+            for msg in effects.cloud {
+                self.send_up(hub, msg);
+            }
+        }
     }
 
     /// Store first, then MQTT, then the cloud (see [`Effects`]).
