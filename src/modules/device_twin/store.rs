@@ -8,6 +8,7 @@
 use super::model::Device;
 use super::rules::{Devices, StoreChange};
 use crate::error::{ErrorKind, Result};
+use crate::modules::meta_store;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -16,7 +17,11 @@ use std::path::{Path, PathBuf};
 /// Folder under the state dir that holds the devices.
 pub const STORE_DIR: &str = "twin";
 const FILE_SUFFIX: &str = ".json";
-const TEMP_NAME: &str = ".twin-store.tmp";
+/// Temp files are `<prefix><n>`, `n` the change's place in its write: never ending in `.json`,
+/// so never loaded; one is left behind only by a crash and is truncated when reused.
+const TEMP_PREFIX: &str = ".twin-store.tmp.";
+/// Short-lived threads that only fsync a write's temp files (see `meta_store::sync_files`).
+const SYNC_HELPER_NAME: &str = "eh-twin-sync";
 /// Linux's file-name limit.
 const MAX_FILE_NAME_BYTES: usize = 255;
 /// Most devices kept: a hostile cloud or mapper cannot fill the disk with devices.
@@ -90,31 +95,48 @@ impl DeviceStore {
         if changes.is_empty() {
             return Ok(());
         }
+        // Every new record goes to its own temp file first; the temp files are fsynced together
+        // (the device flushes once for many), then renamed into place in order.
         let mut count = known.len();
-        for change in changes {
-            match change {
-                StoreChange::Put(device) => {
-                    let path = self.path_of(&device.id)?;
-                    if !known.contains_key(&device.id) {
-                        if count >= MAX_DEVICES {
-                            return Err(ErrorKind::Full.msg(format!(
-                                "twin store holds {MAX_DEVICES} devices; not adding {:?}",
-                                device.id
-                            )));
-                        }
-                        count += 1;
-                    }
-                    // Cannot fail: a struct of strings and maps with string keys.
-                    let bytes = serde_json::to_vec(device).unwrap_or_default();
-                    let temp = self.dir.join(TEMP_NAME);
-                    write_synced(&temp, &bytes).and_then(|()| fs::rename(&temp, &path)).map_err(
-                        |e| ErrorKind::Io.msg(format!("write {}", path.display())).src(e),
-                    )?;
+        let mut temps: Vec<Option<(PathBuf, PathBuf, File)>> = Vec::with_capacity(changes.len());
+        for (n, change) in changes.iter().enumerate() {
+            let StoreChange::Put(device) = change else {
+                temps.push(None);
+                continue;
+            };
+            let path = self.path_of(&device.id)?;
+            if !known.contains_key(&device.id) {
+                if count >= MAX_DEVICES {
+                    return Err(ErrorKind::Full.msg(format!(
+                        "twin store holds {MAX_DEVICES} devices; not adding {:?}",
+                        shown(&device.id)
+                    )));
                 }
-                StoreChange::Remove(id) => {
+                count += 1;
+            }
+            // Cannot fail: a struct of strings and maps with string keys.
+            let bytes = serde_json::to_vec(device).unwrap_or_default();
+            let temp = self.dir.join(format!("{TEMP_PREFIX}{n}"));
+            let file = write_unsynced(&temp, &bytes)
+                .map_err(|e| ErrorKind::Io.msg(format!("write {}", temp.display())).src(e))?;
+            temps.push(Some((temp, path, file)));
+        }
+        let files: Vec<&File> = temps.iter().flatten().map(|(_, _, file)| file).collect();
+        let synced = meta_store::sync_files_named(&files, SYNC_HELPER_NAME);
+        let staged = temps.iter().flatten();
+        for ((temp, path, _), result) in staged.zip(synced) {
+            result.map_err(|e| {
+                ErrorKind::Io.msg(format!("fsync {} for {}", temp.display(), path.display())).src(e)
+            })?;
+        }
+        for (change, staged) in changes.iter().zip(&temps) {
+            match (change, staged) {
+                (StoreChange::Put(_), Some((temp, path, _))) => fs::rename(temp, path)
+                    .map_err(|e| ErrorKind::Io.msg(format!("write {}", path.display())).src(e))?,
+                (StoreChange::Remove(id), _) => {
                     let path = self.path_of(id)?;
                     match fs::remove_file(&path) {
-                        Ok(()) => count = count.saturating_sub(1),
+                        Ok(()) => {}
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => {
                             return Err(ErrorKind::Io
@@ -123,6 +145,7 @@ impl DeviceStore {
                         }
                     }
                 }
+                (StoreChange::Put(_), None) => {} // cannot happen: every put was staged above
             }
         }
         File::open(&self.dir)
@@ -137,11 +160,11 @@ impl DeviceStore {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_unsynced(path: &Path, bytes: &[u8]) -> io::Result<File> {
     let mut file =
         OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(path)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    Ok(file)
 }
 
 /// The file name of a device: every byte outside `[A-Za-z0-9_-]` percent-encoded (so `/`, `.`
