@@ -220,9 +220,10 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
     Ok(modules)
 }
 
-/// The modules that exist only with a broker configured (devices over MQTT, issue 13): the
-/// MQTT client and the EventBus owning `bus`. Returns them with the channel on which they forward
-/// cloud messages of their groups to the local API, and those groups. `None`: MQTT is off.
+/// The modules that exist only with a broker configured (devices over MQTT, issue 13) or the
+/// ServiceBus on: the MQTT client and the EventBus owning `bus`. Returns them with the channel on
+/// which they forward cloud messages of their groups to the local API, and those groups. `None`:
+/// neither is configured, and the local API keeps `bus` as before.
 #[allow(clippy::type_complexity)] // one private call site; a struct would only name the tuple
 fn mqtt_modules(
     config: &Config,
@@ -233,17 +234,26 @@ fn mqtt_modules(
         Vec<&'static str>,
     )>,
 > {
-    let Some(options) = crate::mqtt::Options::from_config(config)? else { return Ok(None) };
+    let options = crate::mqtt::Options::from_config(config)?;
+    if options.is_none() && !config.service_bus.enable {
+        return Ok(None);
+    }
     let cap = config.module_inbox_capacity;
     // The local API never blocks its feeders: when this is full, an event is dropped and counted.
     let (forward_tx, forward_rx) = crossbeam_channel::bounded(cap);
-    let mut builder = crate::mqtt::ClientBuilder::new(options);
-    // DeviceTwin's routes go here, before the EventBus's (first matching route wins).
-    let bus_routes = event_bus::routes(&mut builder, cap);
-    let client = builder.start()?;
+    let (client, bus_routes) = match options {
+        Some(options) => {
+            let mut builder = crate::mqtt::ClientBuilder::new(options);
+            // DeviceTwin's routes go here, before the EventBus's (first matching route wins).
+            let bus_routes = event_bus::routes(&mut builder, cap);
+            (Some(builder.start()?), Some(bus_routes))
+        }
+        None => (None, None),
+    };
     let bus = event_bus::spec(event_bus::Wiring {
         client,
         routes: bus_routes,
+        service_bus: config.service_bus.enable,
         state_dir: config.state_dir.clone(),
         node_name: config.node_name.clone(),
         local_api: Some(forward_tx),

@@ -197,6 +197,8 @@ pub struct Config {
     // ---- devices over MQTT (issue 13): edgecore's `modules.eventBus` section ----
     /// The MQTT broker connection and EventBus; off unless `mqttServerExternal` is set.
     pub event_bus: EventBus,
+    /// edgecore's `modules.serviceBus`: cloud `router_servicebus` requests to local HTTP services.
+    pub service_bus: ServiceBus,
 }
 
 impl Default for Config {
@@ -237,6 +239,7 @@ impl Default for Config {
             local_client_queue: DEFAULT_LOCAL_CLIENT_QUEUE,
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
             event_bus: EventBus::default(),
+            service_bus: ServiceBus::default(),
         }
     }
 }
@@ -582,6 +585,24 @@ impl EventBus {
             }
         }
         Ok(())
+    }
+}
+
+/// edgecore's `modules.serviceBus` (edge-node §3.5). Only `enable` acts: requests go to
+/// `http://127.0.0.1:<port from the request>`; `server`, `port` and `timeout` are accepted so the
+/// section pastes as is (the local HTTP server edgecore starts on them is not offered).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServiceBus {
+    pub enable: bool,
+    pub server: String,
+    pub port: u16,
+    pub timeout: u32,
+}
+
+impl Default for ServiceBus {
+    fn default() -> ServiceBus {
+        ServiceBus { enable: false, server: "127.0.0.1".to_owned(), port: 9060, timeout: 60 }
     }
 }
 
