@@ -476,6 +476,18 @@ pub fn status_summary(status: &serde_json::Value) -> String {
             line.push_str(" · cert EXPIRED");
         }
     }
+    // Devices over MQTT (issue 13): only when a broker is configured.
+    if let Some(mqtt) = status["mqtt"].as_object() {
+        let up = mqtt.get("connected").and_then(|c| c.as_bool()).unwrap_or(false);
+        let dropped: u64 = ["queueDropped", "deliveryDropped"]
+            .iter()
+            .filter_map(|k| mqtt.get(*k).and_then(|v| v.as_u64()))
+            .sum();
+        line.push_str(&format!(
+            " · mqtt {} · mqtt drops {dropped}",
+            if up { "connected" } else { "NOT connected" }
+        ));
+    }
     line
 }
 

@@ -25,8 +25,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const INFLIGHT_WINDOW: usize = 32;
 /// How long a stop waits for queued publishes to reach a connected broker.
 const STOP_FLUSH: Duration = Duration::from_secs(2);
-/// The reader wakes this often even when nothing arrives (only to notice a stop it missed).
-const READ_WAKE: Duration = Duration::from_secs(5);
+/// The reader's poll timeout. Nothing depends on it: a stop or a dead connection wakes the reader
+/// through shutdown(2), so an idle connection costs no wake-ups beyond the keep-alive.
+const READ_WAKE: Duration = Duration::from_secs(3600);
 /// Drops are logged on the first and then every this many.
 const LOG_EVERY: u32 = 1000;
 const CLIENT_STACK_BYTES: usize = 128 << 10;

@@ -27,8 +27,8 @@
 //! * **Publishing.** `publish` queues and returns at once; publishes go out in order at the QoS
 //!   and retain of the options (QoS 1: kept until the broker's PUBACK, re-sent after a reconnect).
 //!   While the broker is away the queue holds at most `queue_max_messages` publishes and
-//!   `queue_max_bytes` payload bytes; when full, the **oldest** is dropped and counted
-//!   (`queue_dropped`). `publish` errs only for a payload bigger than the whole byte bound
+//!   `queue_max_bytes` payload bytes (plus the at most 32 unacknowledged ones a lost connection
+//!   puts back at its head); when full, the **oldest** is dropped and counted (`queue_dropped`). `publish` errs only for a payload bigger than the whole byte bound
 //!   (`Full`) or after `stop` (`Stopped`).
 //! * **Reconnect.** A lost connection (EOF, error, no PINGRESP within the keep-alive) is redialled
 //!   after 0.5 s, doubling to 5 s (KubeEdge's retry interval); every subscription is renewed.
