@@ -22,8 +22,10 @@
 //! * **Routing.** Every route's filters are subscribed (QoS 1) at each connect. An incoming
 //!   publish goes to the first route (in `route` call order) with a matching filter, else to the
 //!   `route_rest` channel, else it is counted as unrouted. Channels are bounded: when a consumer's
-//!   channel is full the publish is dropped, counted (`delivery_dropped`) and logged; the agent
-//!   never waits on a slow consumer (it would stop answering the broker's keep-alive).
+//!   channel is full the reader waits up to 1 s for room (back-pressure: meanwhile TCP and the
+//!   broker hold what follows); then the publish is dropped, counted (`delivery_dropped`) and
+//!   logged, and that consumer's publishes are dropped at once until it takes one again, so a
+//!   stuck consumer cannot stall the others or the keep-alive.
 //! * **Publishing.** `publish` queues and returns at once; publishes go out in order at the QoS
 //!   and retain of the options (QoS 1: kept until the broker's PUBACK, re-sent after a reconnect).
 //!   While the broker is away the queue holds at most `queue_max_messages` publishes and
