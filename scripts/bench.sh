@@ -178,7 +178,16 @@ JSON
   "$bin/edgehub-mqtt-load" --broker "tcp://127.0.0.1:$port" --rate "$offered" --duration "$secs" \
     --twin-devices "$twin_devices" \
     >"$work/mqtt-load.out" || { echo "bench: $name: publisher failed"; cat "$work/mqtt-load.out"; }
-  sleep 2 # what the broker holds reaches the agent and the cloud
+  # What the broker still holds (the agent applies back-pressure) reaches the agent and the cloud:
+  # wait until the agent has received every publish and its outbox is empty (30 s at most).
+  local want
+  want=$(grep -o '"sent":[0-9]*' "$work/mqtt-load.out" | cut -d: -f2)
+  for _ in $(seq 300); do
+    agent_status | python3 -c 'import json, sys; s = json.load(sys.stdin)
+sys.exit(0 if s.get("mqtt", {}).get("received", 0) >= int(sys.argv[1]) and s["outbox"]["messages"] == 0 else 1)' \
+      "${want:-0}" && break
+    sleep 0.1
+  done
   cpu1=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
   t1=$(date +%s.%N)
   local status load field_rss field_hwm threads

@@ -222,10 +222,11 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
     Ok(modules)
 }
 
-/// The modules that exist only with a broker configured (devices over MQTT, issue 13): the
-/// MQTT client, DeviceTwin owning `twin` and the EventBus owning `bus`. Returns them with the
-/// channel on which they forward cloud messages of their groups to the local API, and those
-/// groups. `None`: MQTT is off. DeviceTwin takes the resource store's `changes` and puts in
+/// The modules that exist only with a broker configured (devices over MQTT, issue 13) or the
+/// ServiceBus on: the MQTT client, DeviceTwin owning `twin` (with a broker) and the EventBus
+/// owning `bus`. Returns them with the channel on which they forward cloud messages of their
+/// groups to the local API, and those groups. `None`: neither is configured, and the local API
+/// keeps `twin` and `bus` as before. DeviceTwin takes the resource store's `changes` and puts in
 /// their place the channel it passes them on through.
 #[allow(clippy::type_complexity)] // one private call site; a struct would only name the tuple
 fn mqtt_modules(
@@ -238,45 +239,72 @@ fn mqtt_modules(
         Vec<&'static str>,
     )>,
 > {
-    let Some(options) = crate::mqtt::Options::from_config(config)? else { return Ok(None) };
+    let options = crate::mqtt::Options::from_config(config)?;
+    if options.is_none() && !config.service_bus.enable {
+        return Ok(None);
+    }
     let cap = config.module_inbox_capacity;
     // The local API never blocks its feeders: when this is full, an event is dropped and counted.
     let (forward_tx, forward_rx) = crossbeam_channel::bounded(cap);
-    let mut builder = crate::mqtt::ClientBuilder::new(options);
-    // DeviceTwin's routes go first (first matching route wins).
-    let segments = config.device_topic_id_segments;
-    let twin_filters = device_twin::topics::subscriptions(segments);
-    let twin_filters: Vec<&str> = twin_filters.iter().map(String::as_str).collect();
-    let twin_rx = builder.route(&twin_filters, cap);
-    let bus_routes = event_bus::routes(&mut builder, cap);
-    let client = builder.start()?;
-    let (twin_changes_tx, twin_changes_rx) = crossbeam_channel::bounded(cap);
-    let twin_settings = device_twin::Settings {
-        state_dir: config.state_dir.clone(),
-        rules: device_twin::rules::Settings {
-            node_name: config.node_name.clone(),
-            id_segments: segments,
-        },
+    let (client, bus_routes, twin) = match options {
+        Some(options) => {
+            let mut builder = crate::mqtt::ClientBuilder::new(options);
+            // DeviceTwin's routes go first (first matching route wins).
+            let twin_filters = device_twin::topics::subscriptions(config.device_topic_id_segments);
+            let twin_filters: Vec<&str> = twin_filters.iter().map(String::as_str).collect();
+            let twin_rx = builder.route(&twin_filters, cap);
+            let bus_routes = event_bus::routes(&mut builder, cap);
+            let client = builder.start()?;
+            let twin =
+                twin_module(config, twin_rx, client.publisher(), changes, forward_tx.clone())?;
+            (Some(client), Some(bus_routes), Some(twin))
+        }
+        None => (None, None, None),
     };
-    let (twin, _twin_handle) = device_twin::spec(
-        twin_settings,
-        device_twin::Links {
-            mqtt_in: twin_rx,
-            mqtt_out: client.publisher(),
-            meta_in: changes.replace(twin_changes_rx),
-            meta_out: Some(twin_changes_tx),
-            local_out: Some(forward_tx.clone()),
-        },
-    )?;
     let bus = event_bus::spec(event_bus::Wiring {
         client,
         routes: bus_routes,
+        service_bus: config.service_bus.enable,
         state_dir: config.state_dir.clone(),
         node_name: config.node_name.clone(),
         local_api: Some(forward_tx),
     });
-    let owned = vec![crate::router::bus_group::TWIN, crate::router::bus_group::BUS];
-    Ok(Some((vec![twin, bus], forward_rx, owned)))
+    let mut specs = Vec::new();
+    let mut owned = vec![crate::router::bus_group::BUS];
+    if let Some(twin) = twin {
+        specs.push(twin);
+        owned.push(crate::router::bus_group::TWIN);
+    }
+    specs.push(bus);
+    Ok(Some((specs, forward_rx, owned)))
+}
+
+/// DeviceTwin on the MQTT client (issue 13): mapper publishes from `mqtt_in`, the resource
+/// store's `changes` through it (replaced by what it passes on), cloud twin messages forwarded to
+/// the local API on `local`.
+fn twin_module(
+    config: &Config,
+    mqtt_in: crossbeam_channel::Receiver<crate::mqtt::Publish>,
+    mqtt_out: crate::mqtt::Publisher,
+    changes: &mut Option<crossbeam_channel::Receiver<crate::message::Message>>,
+    local: crossbeam_channel::Sender<crate::message::Message>,
+) -> Result<ModuleSpec> {
+    let (passed_on_tx, passed_on_rx) = crossbeam_channel::bounded(config.module_inbox_capacity);
+    let settings = device_twin::Settings {
+        state_dir: config.state_dir.clone(),
+        rules: device_twin::rules::Settings {
+            node_name: config.node_name.clone(),
+            id_segments: config.device_topic_id_segments,
+        },
+    };
+    let links = device_twin::Links {
+        mqtt_in,
+        mqtt_out,
+        meta_in: changes.replace(passed_on_rx),
+        meta_out: Some(passed_on_tx),
+        local_out: Some(local),
+    };
+    Ok(device_twin::spec(settings, links)?.0)
 }
 
 /// The socket a client command talks to: `--socket`, else `localApiSocket` of `--config` (or of
@@ -493,6 +521,18 @@ pub fn status_summary(status: &serde_json::Value) -> String {
         } else {
             line.push_str(" · cert EXPIRED");
         }
+    }
+    // Devices over MQTT (issue 13): only when a broker is configured.
+    if let Some(mqtt) = status["mqtt"].as_object() {
+        let up = mqtt.get("connected").and_then(|c| c.as_bool()).unwrap_or(false);
+        let dropped: u64 = ["queueDropped", "deliveryDropped"]
+            .iter()
+            .filter_map(|k| mqtt.get(*k).and_then(|v| v.as_u64()))
+            .sum();
+        line.push_str(&format!(
+            " · mqtt {} · mqtt drops {dropped}",
+            if up { "connected" } else { "NOT connected" }
+        ));
     }
     line
 }

@@ -202,6 +202,8 @@ pub struct Config {
     // ---- devices over MQTT (issue 13): edgecore's `modules.eventBus` section ----
     /// The MQTT broker connection and EventBus; off unless `mqttServerExternal` is set.
     pub event_bus: EventBus,
+    /// edgecore's `modules.serviceBus`: cloud `router_servicebus` requests to local HTTP services.
+    pub service_bus: ServiceBus,
 }
 
 impl Default for Config {
@@ -243,6 +245,7 @@ impl Default for Config {
             local_api_max_line_bytes: DEFAULT_LOCAL_API_MAX_LINE_BYTES,
             device_topic_id_segments: 1,
             event_bus: EventBus::default(),
+            service_bus: ServiceBus::default(),
         }
     }
 }
@@ -597,6 +600,24 @@ impl EventBus {
     }
 }
 
+/// edgecore's `modules.serviceBus` (edge-node §3.5). Only `enable` acts: requests go to
+/// `http://127.0.0.1:<port from the request>`; `server`, `port` and `timeout` are accepted so the
+/// section pastes as is (the local HTTP server edgecore starts on them is not offered).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServiceBus {
+    pub enable: bool,
+    pub server: String,
+    pub port: u16,
+    pub timeout: u32,
+}
+
+impl Default for ServiceBus {
+    fn default() -> ServiceBus {
+        ServiceBus { enable: false, server: "127.0.0.1".to_owned(), port: 9060, timeout: 60 }
+    }
+}
+
 fn validate_server(server: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(ErrorKind::Config
@@ -756,5 +777,61 @@ mod tests {
         std::fs::write(dir.join("rel.json"), r#"{"tlsCaFile":"ca.crt"}"#).unwrap();
         let c = Config::load(&dir.join("rel.json")).unwrap();
         assert_eq!(c.tls_ca_file, dir.join("ca.crt"));
+    }
+
+    // ---- devices over MQTT (issue 13) ----
+
+    #[test]
+    fn event_bus_takes_edgecores_section_and_is_off_without_a_broker() {
+        assert!(!Config::from_json("{}").unwrap().event_bus.is_on());
+        let c = Config::from_json(
+            r#"{"eventBus": {"enable": true, "mqttMode": 2, "mqttQOS": 0, "mqttRetain": false,
+                "mqttSessionQueueSize": 100, "mqttServerExternal": "tcp://127.0.0.1:1883",
+                "mqttServerInternal": "tcp://127.0.0.1:1884", "mqttSubClientID": "",
+                "mqttPubClientID": "", "mqttUsername": "u", "mqttPassword": "hunter2",
+                "eventBusTLS": {"enable": false, "tlsMqttCAFile": "/etc/kubeedge/ca/rootCA.crt",
+                  "tlsMqttCertFile": "/etc/kubeedge/certs/server.crt",
+                  "tlsMqttPrivateKeyFile": "/etc/kubeedge/certs/server.key"}}}"#,
+        )
+        .unwrap();
+        assert!(c.event_bus.is_on());
+        c.event_bus.validate().unwrap();
+        let shown = c.to_redacted_json();
+        assert!(!shown.contains("hunter2") && shown.contains("mqttServerExternal"), "{shown}");
+        let e = Config::from_json(r#"{"eventBus": {"mqttBogus": 1}}"#).unwrap_err().to_string();
+        assert!(e.contains("mqttBogus"), "{e}");
+    }
+
+    #[test]
+    fn event_bus_values_are_checked_naming_the_key() {
+        let mut ok = Config::from_json("{}").unwrap().event_bus;
+        ok.mqtt_server_external = "tcp://127.0.0.1:1883".into();
+        ok.validate().unwrap();
+        type Mutation = Box<dyn Fn(&mut EventBus)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("mqttMode", Box::new(|b| b.mqtt_mode = 0)),
+            ("mqttQOS", Box::new(|b| b.mqtt_qos = 2)),
+            ("mqttServerExternal", Box::new(|b| b.mqtt_server_external = "ws://x:1".into())),
+            ("mqttKeepAlive", Box::new(|b| b.mqtt_keep_alive = Seconds(Duration::ZERO))),
+            ("mqttSessionQueueSize", Box::new(|b| b.mqtt_session_queue_size = 0)),
+            ("mqttQueueMaxBytes", Box::new(|b| b.mqtt_queue_max_bytes = 10)),
+            (
+                "tlsMqttCAFile",
+                Box::new(|b| {
+                    b.mqtt_server_external = "ssl://h:8883".into();
+                    b.event_bus_tls.tls_mqtt_ca_file = PathBuf::new();
+                }),
+            ),
+        ];
+        for (key, mutate) in cases {
+            let mut b = ok.clone();
+            mutate(&mut b);
+            let e = b.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("eventBus"), "{key}: {e}");
+        }
+        let mut off = ok.clone();
+        off.enable = false;
+        off.mqtt_mode = 0;
+        off.validate().unwrap(); // nothing is checked while MQTT is off
     }
 }

@@ -20,6 +20,10 @@
 //! - edge modules: `modules` (module threads and the `Hub`), `modules::meta_store` (the durable
 //!   resource store that ACKs), `modules::node_status` (host status), `modules::local_api` (the
 //!   Unix socket for apps and mappers) with its client `local_client`;
+//! - devices (issue 13): `mqtt` (the client to the local broker: `eh-mqtt` and `eh-mqtt-read`,
+//!   its codec and connection), `modules::event_bus` (MQTT ⇄ cloud; owns `bus` when a broker or the
+//!   ServiceBus is configured, forwarding to the local API) and `modules::service_bus` (cloud
+//!   requests to local HTTP services on `eh-servicebus`);
 //! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
 //! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
 //!   (counters), `logging`, `error`;

@@ -82,6 +82,9 @@ fn broker_restart_mid_stream_loses_nothing_accepted() {
         publisher.publish(&format!("seq/{i}"), vec![]).unwrap();
     }
     let first = topics(&rx, 100);
+    // Every PUBACK in, so the kill cannot make a publish count as unacknowledged (and be sent
+    // twice, as QoS 1 allows).
+    wait_until("all acknowledged", || publisher.stats().queued == 0);
     broker.restart();
     // Published while the broker is away or coming back: all kept, sent after the reconnect.
     for i in 100..300 {
@@ -254,4 +257,34 @@ fn tls_to_the_broker_with_a_client_certificate() {
     }
     let err = ClientBuilder::new(options).start().err().expect("a missing CA fails").to_string();
     assert!(err.contains("tlsMqttCAFile"), "{err}");
+}
+
+#[test]
+fn a_full_consumer_is_waited_for_then_dropped_without_stalling_the_others() {
+    let _w = watchdog(Duration::from_secs(60));
+    let Some(broker) = Mosquitto::start_or_skip("full_consumer") else {
+        return;
+    };
+    let mut builder = ClientBuilder::new(options_for(&broker, |_| {}));
+    let slow = builder.route(&["slow/#"], 2);
+    let fast = builder.route(&["fast/#"], 100);
+    let client = builder.start().unwrap();
+    let publisher = client.publisher();
+    wait_until("subscribed", || {
+        publisher.publish("fast/probe", vec![]).unwrap();
+        fast.recv_timeout(Duration::from_millis(200)).is_ok()
+    });
+    while fast.try_recv().is_ok() {}
+    for i in 0..10 {
+        publisher.publish(&format!("slow/{i}"), vec![]).unwrap();
+    }
+    publisher.publish("fast/after", vec![]).unwrap();
+    // The slow consumer holds two; the third waited 1 s in vain, the rest were dropped at once.
+    assert_eq!(recv_within(&fast, "the fast consumer's publish").topic, "fast/after");
+    assert_eq!(publisher.stats().delivery_dropped, 8);
+    assert_eq!(topics(&slow, 2), ["slow/0", "slow/1"]);
+    // Once it takes publishes again it gets them again.
+    publisher.publish("slow/again", vec![]).unwrap();
+    assert_eq!(recv_within(&slow, "the slow consumer's next publish").topic, "slow/again");
+    client.stop();
 }

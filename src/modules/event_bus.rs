@@ -2,11 +2,13 @@
 //! publishes on the upload topics go to the cloud as `bus`/`user`/`upload` messages, and the
 //! cloud's `router_eventbus` messages become MQTT publishes, subscriptions (kept in
 //! `stateDir/eventbus/sub_topics.json`) or unsubscriptions. It owns the [`mqtt::Client`] and stops
-//! it when the agent stops. Every cloud `bus` message is also offered to the local API, so
+//! it when the agent stops, and hands `router_servicebus` requests to the ServiceBus worker when
+//! that is on (`service_bus`). Every cloud `bus` message is also offered to the local API, so
 //! `edgehub subscribe bus` sees what it saw before MQTT existed.
 
 use crate::error::{ErrorKind, Result};
 use crate::message::{group, operation, Message, Route};
+use crate::modules::service_bus::{self, ServiceBus};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
 use crate::mqtt::{self, Publish, Publisher};
 use crate::router::bus_group;
@@ -52,8 +54,11 @@ pub fn routes(builder: &mut mqtt::ClientBuilder, capacity: usize) -> BusRoutes {
 
 /// What the module needs besides its context.
 pub struct Wiring {
-    pub client: mqtt::Client,
-    pub routes: BusRoutes,
+    /// The MQTT client and its routes; `None` when no broker is configured (ServiceBus only).
+    pub client: Option<mqtt::Client>,
+    pub routes: Option<BusRoutes>,
+    /// Serve `router_servicebus` requests (`serviceBus.enable`).
+    pub service_bus: bool,
     pub state_dir: PathBuf,
     pub node_name: String,
     /// Cloud `bus` messages for the local API's subscribers (never blocks: dropped when full).
@@ -66,26 +71,40 @@ pub fn spec(wiring: Wiring) -> ModuleSpec {
 }
 
 fn run(ctx: ModuleContext, wiring: Wiring) {
-    let Wiring { client, routes, state_dir, node_name, local_api } = wiring;
-    let publisher = client.publisher();
-    // `edgehub status` shows the MQTT counters from now on.
-    let _ = ctx.hub.status().mqtt.set(publisher.clone());
+    let Wiring { client, routes, service_bus, state_dir, node_name, local_api } = wiring;
+    let publisher = client.as_ref().map(mqtt::Client::publisher);
+    if let Some(publisher) = &publisher {
+        // `edgehub status` shows the MQTT counters from now on.
+        let _ = ctx.hub.status().mqtt.set(publisher.clone());
+    }
+    let service_bus = if service_bus {
+        ServiceBus::start(ctx.hub.clone())
+            .map_err(|e| log::error!("servicebus: {e}; router_servicebus requests go unanswered"))
+            .ok()
+    } else {
+        None
+    };
     let mut bus = EventBus {
         hub: ctx.hub.clone(),
         publisher,
+        service_bus,
         node_name,
         sub_topics: SubTopics::load(state_dir.join("eventbus")),
         echoes: VecDeque::new(),
         local_api,
         local_api_dropped: 0,
     };
-    for topic in bus.sub_topics.topics.clone() {
-        if let Err(e) = bus.publisher.subscribe(&topic) {
-            log::warn!("eventbus: stored subscription {topic:?} skipped: {e}");
+    if let Some(publisher) = &bus.publisher {
+        for topic in &bus.sub_topics.topics {
+            if let Err(e) = publisher.subscribe(topic) {
+                log::warn!("eventbus: stored subscription {topic:?} skipped: {e}");
+            }
         }
     }
-    let mut uploads = routes.uploads;
-    let mut subscribed = routes.subscribed;
+    let (mut uploads, mut subscribed) = match routes {
+        Some(routes) => (routes.uploads, routes.subscribed),
+        None => (never(), never()),
+    };
     loop {
         select! {
             recv(ctx.inbox) -> msg => match msg {
@@ -102,13 +121,20 @@ fn run(ctx: ModuleContext, wiring: Wiring) {
             },
         }
     }
-    client.stop();
+    if let Some(service_bus) = bus.service_bus.take() {
+        service_bus.stop();
+    }
+    if let Some(client) = client {
+        client.stop();
+    }
     log::info!("eventbus stopped");
 }
 
 struct EventBus {
     hub: Hub,
-    publisher: Publisher,
+    /// `None` without a broker: `router_eventbus` messages then only reach the local API.
+    publisher: Option<Publisher>,
+    service_bus: Option<ServiceBus>,
     node_name: String,
     sub_topics: SubTopics,
     /// (topic, payload) of recent cloud publishes, oldest first.
@@ -194,6 +220,13 @@ impl EventBus {
             // User-group messages are never ACKed (checklist 41): let a re-send through again.
             self.hub.release(&msg);
         }
+        if msg.route.source == service_bus::ROUTER_SERVICEBUS {
+            if let Some(service_bus) = &self.service_bus {
+                service_bus.offer(msg);
+            }
+            return;
+        }
+        let Some(publisher) = &self.publisher else { return };
         if msg.route.source != ROUTER_EVENTBUS {
             log::debug!("eventbus: {msg:?} is not from router_eventbus; local api only");
             return;
@@ -209,13 +242,13 @@ impl EventBus {
                     );
                     return;
                 }
-                match self.publisher.subscribe(&topic) {
+                match publisher.subscribe(&topic) {
                     Ok(()) => self.sub_topics.add(&topic),
                     Err(e) => log::warn!("eventbus: {msg:?}: {e}"),
                 }
             }
             CloudAction::Unsubscribe(topic) => {
-                self.publisher.unsubscribe(&topic);
+                publisher.unsubscribe(&topic);
                 self.sub_topics.remove(&topic);
             }
             CloudAction::Ignore(why) => log::warn!("eventbus: dropped {msg:?}: {why}"),
@@ -223,11 +256,12 @@ impl EventBus {
     }
 
     fn publish(&mut self, msg: &Message, topic: String, payload: Vec<u8>) {
+        let Some(publisher) = &self.publisher else { return };
         if self.echoes.len() >= ECHO_MEMORY {
             self.echoes.pop_front();
         }
         self.echoes.push_back((topic.clone(), payload.clone()));
-        if let Err(e) = self.publisher.publish(&topic, payload) {
+        if let Err(e) = publisher.publish(&topic, payload) {
             log::warn!("eventbus: {msg:?} not published on {topic:?}: {e}");
             self.echoes.pop_back();
         }

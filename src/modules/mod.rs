@@ -8,6 +8,7 @@ pub mod event_bus;
 pub mod local_api;
 pub mod meta_store;
 pub mod node_status;
+pub mod service_bus;
 
 use crate::error::{ErrorKind, Result};
 use crate::message::Message;

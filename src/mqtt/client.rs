@@ -8,7 +8,7 @@ use super::codec::{self, DecodeError, IncomingPublish, Packet};
 use super::conn::{self, Conn};
 use super::{filter_matches, is_valid_filter, is_valid_topic, Options, Publish};
 use crate::error::{ErrorKind, Result};
-use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, select, tick, Receiver, SendTimeoutError, Sender, TrySendError};
 use openssl::ssl::SslConnector;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -25,8 +25,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const INFLIGHT_WINDOW: usize = 32;
 /// How long a stop waits for queued publishes to reach a connected broker.
 const STOP_FLUSH: Duration = Duration::from_secs(2);
-/// The reader wakes this often even when nothing arrives (only to notice a stop it missed).
-const READ_WAKE: Duration = Duration::from_secs(5);
+/// The reader's poll timeout. Nothing depends on it: a stop or a dead connection wakes the reader
+/// through shutdown(2), so an idle connection costs no wake-ups beyond the keep-alive.
+const READ_WAKE: Duration = Duration::from_secs(3600);
+/// How long the reader waits for a full consumer before dropping (see `Routes::deliver`). Well
+/// under the keep-alive, so a PINGRESP behind a waiting publish still arrives in time.
+const DELIVERY_WAIT: Duration = Duration::from_secs(1);
 /// Drops are logged on the first and then every this many.
 const LOG_EVERY: u32 = 1000;
 const CLIENT_STACK_BYTES: usize = 128 << 10;
@@ -140,29 +144,49 @@ impl Shared {
 struct Route {
     filters: Vec<String>,
     tx: Sender<Publish>,
+    /// It let a publish wait `DELIVERY_WAIT` in vain: until it takes one again, publishes for it
+    /// are dropped at once instead of each waiting (so a stuck consumer cannot slow the rest).
+    stalled: AtomicBool,
+}
+
+impl Route {
+    fn new(filters: Vec<String>, tx: Sender<Publish>) -> Route {
+        Route { filters, tx, stalled: AtomicBool::new(false) }
+    }
 }
 
 struct Routes {
     routes: Vec<Route>,
-    rest: Option<Sender<Publish>>,
+    rest: Option<Route>,
 }
 
 impl Routes {
+    /// Hands `publish` to its consumer. A full channel is waited on up to `DELIVERY_WAIT`: the
+    /// reader then reads no further, so TCP and the broker hold the rest (back-pressure) while a
+    /// consumer catches up; after that the publish is dropped and counted.
     fn deliver(&self, publish: Publish, counters: &Counters) {
         let route = self
             .routes
             .iter()
             .find(|r| r.filters.iter().any(|f| filter_matches(f, &publish.topic)))
-            .map(|r| &r.tx)
             .or(self.rest.as_ref());
-        let Some(tx) = route else {
+        let Some(route) = route else {
             let n = bump(&counters.unrouted);
             log::debug!("mqtt: no consumer for topic {} ({n} so far)", publish.topic);
             return;
         };
-        match tx.try_send(publish) {
-            Ok(()) => {}
-            Err(TrySendError::Full(p)) => {
+        let sent = if route.stalled.load(Ordering::Relaxed) {
+            route.tx.try_send(publish).map_err(|e| match e {
+                TrySendError::Full(p) => SendTimeoutError::Timeout(p),
+                TrySendError::Disconnected(p) => SendTimeoutError::Disconnected(p),
+            })
+        } else {
+            route.tx.send_timeout(publish, DELIVERY_WAIT)
+        };
+        match sent {
+            Ok(()) => route.stalled.store(false, Ordering::Relaxed),
+            Err(SendTimeoutError::Timeout(p)) => {
+                route.stalled.store(true, Ordering::Relaxed);
                 let n = bump(&counters.delivery_dropped);
                 if n == 1 || n % LOG_EVERY == 0 {
                     log::warn!(
@@ -171,7 +195,7 @@ impl Routes {
                     );
                 }
             }
-            Err(TrySendError::Disconnected(p)) => {
+            Err(SendTimeoutError::Disconnected(p)) => {
                 let n = bump(&counters.delivery_dropped);
                 log::debug!("mqtt: consumer of {} has stopped; dropped ({n} so far)", p.topic);
             }
@@ -183,7 +207,7 @@ impl Routes {
 pub struct ClientBuilder {
     options: Options,
     routes: Vec<Route>,
-    rest: Option<Sender<Publish>>,
+    rest: Option<Route>,
 }
 
 impl ClientBuilder {
@@ -207,14 +231,14 @@ impl ClientBuilder {
             })
             .map(|f| f.to_string())
             .collect();
-        self.routes.push(Route { filters, tx });
+        self.routes.push(Route::new(filters, tx));
         rx
     }
 
     /// The channel for publishes no route claims: those of [`Publisher::subscribe`] filters.
     pub fn route_rest(&mut self, capacity: usize) -> Receiver<Publish> {
         let (tx, rx) = bounded(capacity.max(1));
-        self.rest = Some(tx);
+        self.rest = Some(Route::new(Vec::new(), tx));
         rx
     }
 

@@ -22,13 +22,15 @@
 //! * **Routing.** Every route's filters are subscribed (QoS 1) at each connect. An incoming
 //!   publish goes to the first route (in `route` call order) with a matching filter, else to the
 //!   `route_rest` channel, else it is counted as unrouted. Channels are bounded: when a consumer's
-//!   channel is full the publish is dropped, counted (`delivery_dropped`) and logged; the agent
-//!   never waits on a slow consumer (it would stop answering the broker's keep-alive).
+//!   channel is full the reader waits up to 1 s for room (back-pressure: meanwhile TCP and the
+//!   broker hold what follows); then the publish is dropped, counted (`delivery_dropped`) and
+//!   logged, and that consumer's publishes are dropped at once until it takes one again, so a
+//!   stuck consumer cannot stall the others or the keep-alive.
 //! * **Publishing.** `publish` queues and returns at once; publishes go out in order at the QoS
 //!   and retain of the options (QoS 1: kept until the broker's PUBACK, re-sent after a reconnect).
 //!   While the broker is away the queue holds at most `queue_max_messages` publishes and
-//!   `queue_max_bytes` payload bytes; when full, the **oldest** is dropped and counted
-//!   (`queue_dropped`). `publish` errs only for a payload bigger than the whole byte bound
+//!   `queue_max_bytes` payload bytes (plus the at most 32 unacknowledged ones a lost connection
+//!   puts back at its head); when full, the **oldest** is dropped and counted (`queue_dropped`). `publish` errs only for a payload bigger than the whole byte bound
 //!   (`Full`) or after `stop` (`Stopped`).
 //! * **Reconnect.** A lost connection (EOF, error, no PINGRESP within the keep-alive) is redialled
 //!   after 0.5 s, doubling to 5 s (KubeEdge's retry interval); every subscription is renewed.
