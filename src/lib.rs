@@ -23,7 +23,9 @@
 //! - devices (issue 13): `mqtt` (the client to the local broker: `eh-mqtt` and `eh-mqtt-read`,
 //!   its codec and connection), `modules::event_bus` (MQTT ⇄ cloud; owns `bus` when a broker or the
 //!   ServiceBus is configured, forwarding to the local API) and `modules::service_bus` (cloud
-//!   requests to local HTTP services on `eh-servicebus`);
+//!   requests to local HTTP services on `eh-servicebus`), `modules::device_twin` (KubeEdge's
+//!   DeviceTwin for mappers on `eh-twin`, owning `twin` when a broker is configured: its rules as
+//!   plain functions, its durable device store, and a newer cloud's Device objects);
 //! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
 //! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
 //!   (counters), `logging`, `error`;
