@@ -8,6 +8,9 @@
 #                   the bench's sink ACKs each at once
 #   sync c1, c16    request/response with 1 and 16 in flight (the simulator answers at once)
 #   durable         cloud→edge at max through the real resource store (fsync, then ACK)
+#   mqtt→cloud      1k/s and max MQTT publishes through mosquitto and the EventBus (device binary)
+#   twin reports    1k/s and max twin reports of a mapper (100 devices) through mosquitto and the
+#                   DeviceTwin (store, result, edge_updated) to the cloud (device binary)
 # Each load scenario runs BENCH_SECS (20) seconds, idle BENCH_IDLE_SECS (60); about 5 minutes in
 # all after the build. The bench raises messageQPS/messageBurst (see edgehub-bench's bench_config
 # line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync'
@@ -22,7 +25,8 @@ echo "bench: building release binaries" >&2
 cargo build --release --quiet --bin edgehub
 work=$(mktemp -d /tmp/edgehub-bench.XXXXXX)
 cp target/release/edgehub "$work/edgehub-device"
-cargo build --release --quiet --features cloudsim --bin edgehub-cloudsim --bin edgehub-bench
+cargo build --release --quiet --features cloudsim --bin edgehub-cloudsim --bin edgehub-bench \
+  --bin edgehub-mqtt-load
 bin=target/release
 
 mkdir -p bench-results
@@ -119,6 +123,95 @@ JSON
   stop_sim
 }
 
+# MQTT→cloud (issue 13): the device binary (`edgehub run`) with the EventBus on, a mosquitto
+# broker, and edgehub-mqtt-load publishing bench content at QoS 1 on an upload topic
+# (default/user/bench) at OFFERED per second (-1: as fast as the broker takes them). The cloud
+# counts what arrives; the agent's CPU and memory are read from /proc, its drops from
+# `edgehub status --json`.   run_mqtt NAME OFFERED [TWIN_DEVICES]
+# With TWIN_DEVICES (issue 13, DeviceTwin), the cloud first adds devices bench-0… to the node and
+# the publisher acts as a mapper reporting one twin of each device in turn (every report is a
+# durable write, a result publish and an `edge_updated`); the cloud counts the reports that reach
+# it. Reports of one device waiting together in the outbox are coalesced (latest wins), which the
+# table shows as lost.
+run_mqtt() {
+  local name=$1 offered=$2 twin_devices=${3:-0}
+  wanted "$name" || return 0
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] ||
+    { echo "bench: $name skipped: no mosquitto (scripts/setup.sh installs it)" >&2; return 0; }
+  echo "bench: $name ($secs s)" >&2
+  local port mosq_pid
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  printf 'user root\nlistener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' \
+    "$port" >"$work/mosquitto.conf"
+  "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
+  mosq_pid=$!
+  start_sim --send-rate 0
+  cat >"$work/mqtt-config.json" <<JSON
+{"nodeName": "bench-gw", "websocket": {"server": "$addr"}, "stateDir": "$work/mqtt-state",
+ "localApiSocket": "$work/mqtt.sock", "messageQPS": 10000000, "messageBurst": 1000000,
+ "tlsCaFile": "$pki/ca.crt", "tlsCertFile": "$pki/client.crt", "tlsPrivateKeyFile": "$pki/client.key",
+ "eventBus": {"mqttServerExternal": "tcp://127.0.0.1:$port"}}
+JSON
+  "$work/edgehub-device" run --config "$work/mqtt-config.json" 2>"$work/mqtt-agent.log" &
+  agent_pid=$!
+  agent_status() {
+    "$work/edgehub-device" status --json --socket "$work/mqtt.sock" 2>/dev/null |
+      python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin), separators=(",", ":")))' ||
+      echo '{}'
+  }
+  for _ in $(seq 100); do
+    agent_status | grep -q '"mqtt":{"connected":true' && break
+    sleep 0.1
+  done
+  if [ "$twin_devices" -gt 0 ]; then
+    local devices="" i
+    for i in $(seq 0 $((twin_devices - 1))); do devices="$devices${devices:+,}{\"id\":\"bench-$i\",\"name\":\"bench-$i\"}"; done
+    echo "push bench-gw {\"header\":{\"msg_id\":\"$(cat /proc/sys/kernel/random/uuid)\",\"timestamp\":0},\"route\":{\"source\":\"devicecontroller\",\"group\":\"twin\",\"operation\":\"update\",\"resource\":\"membership\"},\"content\":{\"event_id\":\"bench\",\"timestamp\":0,\"added_devices\":[$devices],\"removed_devices\":null}}" >&3
+    for _ in $(seq 200); do
+      [ "$(find "$work/mqtt-state/twin" -name '*.json' 2>/dev/null | wc -l)" -ge "$twin_devices" ] && break
+      sleep 0.1
+    done
+  fi
+  local cpu0 cpu1 t0 t1
+  cpu0=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
+  t0=$(date +%s.%N)
+  "$bin/edgehub-mqtt-load" --broker "tcp://127.0.0.1:$port" --rate "$offered" --duration "$secs" \
+    --twin-devices "$twin_devices" \
+    >"$work/mqtt-load.out" || { echo "bench: $name: publisher failed"; cat "$work/mqtt-load.out"; }
+  # What the broker still holds (the agent applies back-pressure) reaches the agent and the cloud:
+  # wait until the agent has received every publish and its outbox is empty (30 s at most).
+  local want
+  want=$(grep -o '"sent":[0-9]*' "$work/mqtt-load.out" | cut -d: -f2)
+  for _ in $(seq 300); do
+    agent_status | python3 -c 'import json, sys; s = json.load(sys.stdin)
+sys.exit(0 if s.get("mqtt", {}).get("received", 0) >= int(sys.argv[1]) and s["outbox"]["messages"] == 0 else 1)' \
+      "${want:-0}" && break
+    sleep 0.1
+  done
+  cpu1=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
+  t1=$(date +%s.%N)
+  local status load field_rss field_hwm threads
+  status=$(agent_status)
+  load=$(grep '"mqtt_load_summary"' "$work/mqtt-load.out" || echo '{}')
+  field_rss=$(awk '$1 == "VmRSS:" {print $2}' "/proc/$agent_pid/status")
+  field_hwm=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$agent_pid/status")
+  threads=$(awk '$1 == "Threads:" {print $2}' "/proc/$agent_pid/status")
+  kill "$agent_pid"
+  wait "$agent_pid" || true
+  agent_pid=""
+  stop_sim
+  kill "$mosq_pid" 2>/dev/null || true
+  wait "$mosq_pid" 2>/dev/null || true
+  local sent cpu_s cpu_pct
+  sent=$(echo "$load" | grep -o '"sent":[0-9]*' | cut -d: -f2)
+  cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN{printf "%.2f", (b-a)/100}')
+  cpu_pct=$(awk -v c="$cpu_s" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", c/(b-a)*100}')
+  printf '{"scenario":"%s","kind":"e2c","offered":"%s","loadavg":"%s","bench":{"sent":%s,"cpu_s":%s,"cpu_pct":%s,"vmrss_kb":%s,"vmhwm_kb":%s,"threads":%s,"publisher":%s,"agent_status":%s},"sim":%s}\n' \
+    "$name" "$offered" "$(cut -d' ' -f1 /proc/loadavg)" "${sent:-0}" "$cpu_s" "$cpu_pct" \
+    "${field_rss:-0}" "${field_hwm:-0}" "${threads:-0}" "$load" "$status" \
+    "$(grep '"load_summary"' "$work/sim.out" || echo null)" >>"$results"
+}
+
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 run_idle
 run_load "edge→cloud 1k" e2c 1000 "--send-rate 0" "--rate 1000"
@@ -133,6 +226,10 @@ run_load "cloud→edge max ack" c2e max "--send-rate -1 $ack" "--rate 0"
 run_load "sync c1" sync "1 in flight" "--send-rate 0" "--sync --concurrency 1"
 run_load "sync c16" sync "16 in flight" "--send-rate 0" "--sync --concurrency 16"
 run_load "durable store ingest" durable max "--send-rate -1 $ack" "--durable"
+run_mqtt "mqtt→cloud 1k" 1000
+run_mqtt "mqtt→cloud max" -1
+run_mqtt "twin reports→cloud 1k" 1000 100
+run_mqtt "twin reports→cloud max" -1 100
 
 {
   echo "# edgehub benchmarks, $stamp"

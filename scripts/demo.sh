@@ -2,7 +2,9 @@
 # The demo, and the README's main command. Builds edgehub and the CloudHub simulator, makes a
 # throwaway CA, runs the agent against the simulator on 127.0.0.1 and narrates what happens: a
 # join with a KubeEdge token, connect, keepalives, a ConfigMap pushed and ACKed once stored, the
-# node registered and Ready (the Node object as the cloud holds it), a forced disconnect and the reconnect, a certificate rotation. Exits 0 by itself
+# node registered and Ready (the Node object as the cloud holds it), a forced disconnect and the
+# reconnect, a certificate rotation, a device over MQTT (mosquitto and a shell mapper: a report
+# reaches the cloud, a desired value reaches the mapper as a delta). Exits 0 by itself
 # (non-zero if a step does not happen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,9 +15,11 @@ bin=target/release
 node=demo-gw
 
 work=$(mktemp -d /tmp/edgehub-demo.XXXXXX)
-sim_pid="" agent_pid=""
+sim_pid="" agent_pid="" broker_pid="" mapper_pid=""
 cleanup() {
   exec 3>&- 2>/dev/null || true
+  [ -z "$mapper_pid" ] || kill "$mapper_pid" 2>/dev/null || true
+  [ -z "$broker_pid" ] || kill "$broker_pid" 2>/dev/null || true
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true
   [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -132,7 +136,45 @@ echo "node $node" >&3
 wait_for "$work/sim.events" '"action":"shown"'
 { grep '"action":"shown"' "$work/sim.events" || true; } | tail -n 1 | fold -w 150 | sed 's/^/   /'
 
-say "8. stop"
+say "8. a device: mosquitto, a shell mapper (mosquitto_pub/sub) and the agent's DeviceTwin"
+port=$((20000 + RANDOM % 20000))
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" >"$work/mosquitto.conf"
+/usr/sbin/mosquitto -c "$work/mosquitto.conf" 2>"$work/mosquitto.log" &
+broker_pid=$!
+echo "   mosquitto on 127.0.0.1:$port; the agent restarts with eventBus.mqttServerExternal set"
+kill -TERM "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+sed -i "s|\"reconnectJitter\": 0.5|\"reconnectJitter\": 0.5,\n  \"eventBus\": {\"mqttServerExternal\": \"tcp://127.0.0.1:$port\"}|" "$work/config.json"
+"$bin/edgehub" run --config "$work/config.json" 2>>"$work/agent.log" &
+agent_pid=$!
+wait_for "$work/agent.log" "mqtt: connected to broker"
+wait_for "$work/sim.events" '"event":"connected"' 4
+# The mapper listens on every $hw/events topic; a membership/get answered proves both ends ready.
+mosquitto_sub -h 127.0.0.1 -p "$port" -v -t '$hw/events/#' >"$work/mapper.out" &
+mapper_pid=$!
+for _ in $(seq 100); do
+  mosquitto_pub -h 127.0.0.1 -p "$port" -t "\$hw/events/node/$node/membership/get" -m '{"event_id":"hello"}'
+  grep -q 'membership/get/result' "$work/mapper.out" && break
+  sleep 0.2
+done
+wait_for "$work/mapper.out" 'membership/get/result'
+echo "   the cloud adds device thermo-1 to the node, desired temperature 25 (float)"
+echo "push $node {\"header\":{\"msg_id\":\"$(cat /proc/sys/kernel/random/uuid)\",\"timestamp\":$(date +%s)000},\"route\":{\"source\":\"devicecontroller\",\"group\":\"twin\",\"operation\":\"update\",\"resource\":\"membership\"},\"content\":{\"event_id\":\"m1\",\"timestamp\":$(date +%s)000,\"added_devices\":[{\"id\":\"thermo-1\",\"name\":\"thermo-1\",\"twin\":{\"temperature\":{\"expected\":{\"value\":\"25\"},\"optional\":false,\"metadata\":{\"type\":\"float\"},\"expected_version\":{\"cloud\":4711,\"edge\":0}}}}],\"removed_devices\":null}}" >&3
+wait_for "$work/mapper.out" 'membership/updated'
+wait_for "$work/mapper.out" 'thermo-1/twin/update/delta'
+show "$work/mapper.out" 'thermo-1/twin/update/delta'
+echo "   the mapper reports 23.5; the agent stores it, answers, and the cloud receives edge_updated"
+mosquitto_pub -h 127.0.0.1 -p "$port" -t '$hw/events/device/thermo-1/twin/update' \
+  -m '{"event_id":"r1","timestamp":0,"twin":{"temperature":{"actual":{"value":"23.5"},"metadata":{"type":"float"}}}}'
+wait_for "$work/mapper.out" 'thermo-1/twin/update/result'
+show "$work/mapper.out" 'thermo-1/twin/update/result'
+wait_for "$work/sim.events" 'twin/edge_updated'
+echo "   cloud: $(grep 'twin/edge_updated' "$work/sim.events" | tail -n 1 | grep -o '"resource":"[^"]*".*' | cut -c1-230)"
+echo "   the cloud sets desired 26; the mapper prints the delta"
+echo "push $node {\"header\":{\"msg_id\":\"$(cat /proc/sys/kernel/random/uuid)\",\"timestamp\":$(date +%s)000},\"route\":{\"source\":\"devicecontroller\",\"group\":\"twin\",\"operation\":\"update\",\"resource\":\"device/thermo-1/twin/cloud_updated\"},\"content\":{\"event_id\":\"c1\",\"timestamp\":$(date +%s)000,\"twin\":{\"temperature\":{\"expected\":{\"value\":\"26\"},\"optional\":false,\"metadata\":{\"type\":\"float\"},\"expected_version\":{\"cloud\":4790,\"edge\":0}}}}}" >&3
+wait_for "$work/mapper.out" '"delta":{"temperature":"26"}'
+echo "   mapper: $(grep '"delta":{"temperature":"26"}' "$work/mapper.out" | tail -n 1 | grep -o '"delta":{[^}]*}')"
+
+say "9. stop"
 kill -TERM "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
 echo "   keepalives seen by the cloud: $(grep -c '"operation":"keepalive"' "$work/sim.events")"
 echo "   sessions: $(grep -c '"event":"connected"' "$work/sim.events"), ACKs: $(grep -c '"event":"ack"' "$work/sim.events")"

@@ -11,6 +11,9 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The init-script tests run the scripts under busybox and check them with shellcheck.
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+# The MQTT tests start their own mosquitto broker; the demo's shell mapper uses its clients.
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 # The systemd unit is checked with systemd-analyze.
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The OpenWrt package Makefile is run with make against stand-ins of the SDK's include files.

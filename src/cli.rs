@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::local_client::LocalClient;
 use crate::logging::{self, LogTarget};
-use crate::modules::{local_api, meta_store, node, ModuleSpec};
+use crate::modules::{device_twin, event_bus, local_api, meta_store, node, ModuleSpec};
 use crate::signals;
 use argh::FromArgs;
 use serde_json::value::RawValue;
@@ -205,11 +205,109 @@ pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
     let (changes_tx, changes_rx) = crossbeam_channel::bounded(config.module_inbox_capacity);
     let (meta, store) = meta_store::spec(config.state_dir.clone(), Some(changes_tx));
     let local_api = local_api::Settings::from_config(config);
-    Ok(vec![
-        meta,
-        node::spec(node::Settings::from_config(config), Some(store.clone())),
-        local_api::spec(local_api, Some(store), Some(changes_rx))?,
-    ])
+    let mut modules =
+        vec![meta, node::spec(node::Settings::from_config(config), Some(store.clone()))];
+    // With MQTT on, the store's changes pass through DeviceTwin (it reads Device objects).
+    let mut changes_rx = Some(changes_rx);
+    match mqtt_modules(config, &mut changes_rx)? {
+        None => modules.push(local_api::spec(local_api, Some(store), changes_rx)?),
+        Some((mqtt_specs, forwarded, owned)) => {
+            modules.extend(mqtt_specs);
+            modules.push(local_api::spec_forwarding(
+                local_api,
+                Some(store),
+                changes_rx,
+                Some(forwarded),
+                &owned,
+            )?);
+        }
+    }
+    Ok(modules)
+}
+
+/// The modules that exist only with a broker configured (devices over MQTT, issue 13) or the
+/// ServiceBus on: the MQTT client, DeviceTwin owning `twin` (with a broker) and the EventBus
+/// owning `bus`. Returns them with the channel on which they forward cloud messages of their
+/// groups to the local API, and those groups. `None`: neither is configured, and the local API
+/// keeps `twin` and `bus` as before. DeviceTwin takes the resource store's `changes` and puts in
+/// their place the channel it passes them on through.
+#[allow(clippy::type_complexity)] // one private call site; a struct would only name the tuple
+fn mqtt_modules(
+    config: &Config,
+    changes: &mut Option<crossbeam_channel::Receiver<crate::message::Message>>,
+) -> Result<
+    Option<(
+        Vec<ModuleSpec>,
+        crossbeam_channel::Receiver<crate::message::Message>,
+        Vec<&'static str>,
+    )>,
+> {
+    let options = crate::mqtt::Options::from_config(config)?;
+    if options.is_none() && !config.service_bus.enable {
+        return Ok(None);
+    }
+    let cap = config.module_inbox_capacity;
+    // The local API never blocks its feeders: when this is full, an event is dropped and counted.
+    let (forward_tx, forward_rx) = crossbeam_channel::bounded(cap);
+    let (client, bus_routes, twin) = match options {
+        Some(options) => {
+            let mut builder = crate::mqtt::ClientBuilder::new(options);
+            // DeviceTwin's routes go first (first matching route wins).
+            let twin_filters = device_twin::topics::subscriptions(config.device_topic_id_segments);
+            let twin_filters: Vec<&str> = twin_filters.iter().map(String::as_str).collect();
+            let twin_rx = builder.route(&twin_filters, cap);
+            let bus_routes = event_bus::routes(&mut builder, cap);
+            let client = builder.start()?;
+            let twin =
+                twin_module(config, twin_rx, client.publisher(), changes, forward_tx.clone())?;
+            (Some(client), Some(bus_routes), Some(twin))
+        }
+        None => (None, None, None),
+    };
+    let bus = event_bus::spec(event_bus::Wiring {
+        client,
+        routes: bus_routes,
+        service_bus: config.service_bus.enable,
+        state_dir: config.state_dir.clone(),
+        node_name: config.node_name.clone(),
+        local_api: Some(forward_tx),
+    });
+    let mut specs = Vec::new();
+    let mut owned = vec![crate::router::bus_group::BUS];
+    if let Some(twin) = twin {
+        specs.push(twin);
+        owned.push(crate::router::bus_group::TWIN);
+    }
+    specs.push(bus);
+    Ok(Some((specs, forward_rx, owned)))
+}
+
+/// DeviceTwin on the MQTT client (issue 13): mapper publishes from `mqtt_in`, the resource
+/// store's `changes` through it (replaced by what it passes on), cloud twin messages forwarded to
+/// the local API on `local`.
+fn twin_module(
+    config: &Config,
+    mqtt_in: crossbeam_channel::Receiver<crate::mqtt::Publish>,
+    mqtt_out: crate::mqtt::Publisher,
+    changes: &mut Option<crossbeam_channel::Receiver<crate::message::Message>>,
+    local: crossbeam_channel::Sender<crate::message::Message>,
+) -> Result<ModuleSpec> {
+    let (passed_on_tx, passed_on_rx) = crossbeam_channel::bounded(config.module_inbox_capacity);
+    let settings = device_twin::Settings {
+        state_dir: config.state_dir.clone(),
+        rules: device_twin::rules::Settings {
+            node_name: config.node_name.clone(),
+            id_segments: config.device_topic_id_segments,
+        },
+    };
+    let links = device_twin::Links {
+        mqtt_in,
+        mqtt_out,
+        meta_in: changes.replace(passed_on_rx),
+        meta_out: Some(passed_on_tx),
+        local_out: Some(local),
+    };
+    Ok(device_twin::spec(settings, links)?.0)
 }
 
 /// The socket a client command talks to: `--socket`, else `localApiSocket` of `--config` (or of
@@ -495,6 +593,18 @@ pub fn status_summary(status: &serde_json::Value) -> String {
         } else {
             line.push_str(" · cert EXPIRED");
         }
+    }
+    // Devices over MQTT (issue 13): only when a broker is configured.
+    if let Some(mqtt) = status["mqtt"].as_object() {
+        let up = mqtt.get("connected").and_then(|c| c.as_bool()).unwrap_or(false);
+        let dropped: u64 = ["queueDropped", "deliveryDropped"]
+            .iter()
+            .filter_map(|k| mqtt.get(*k).and_then(|v| v.as_u64()))
+            .sum();
+        line.push_str(&format!(
+            " · mqtt {} · mqtt drops {dropped}",
+            if up { "connected" } else { "NOT connected" }
+        ));
     }
     line
 }

@@ -252,6 +252,17 @@ pub struct Config {
     /// A local client that has not subscribed and sent no line for this long is disconnected
     /// (0: never), so idle connections cannot lock other clients out.
     pub local_api_idle_timeout: Seconds,
+
+    // ---- DeviceTwin (issue 13, twin part) ----
+    /// ID segments in device topics: 1 (`$hw/events/device/<name>/…`, v1.10-era mappers) or 2
+    /// (`$hw/events/device/<namespace>/<name>/…`, today's KubeEdge).
+    pub device_topic_id_segments: u8,
+
+    // ---- devices over MQTT (issue 13): edgecore's `modules.eventBus` section ----
+    /// The MQTT broker connection and EventBus; off unless `mqttServerExternal` is set.
+    pub event_bus: EventBus,
+    /// edgecore's `modules.serviceBus`: cloud `router_servicebus` requests to local HTTP services.
+    pub service_bus: ServiceBus,
 }
 
 /// A node taint, as `v1.Taint` writes it.
@@ -322,6 +333,9 @@ impl Default for Config {
             annotations: BTreeMap::new(),
             join_retry_max: Seconds(DEFAULT_JOIN_RETRY_MAX),
             local_api_idle_timeout: Seconds(DEFAULT_LOCAL_API_IDLE_TIMEOUT),
+            device_topic_id_segments: 1,
+            event_bus: EventBus::default(),
+            service_bus: ServiceBus::default(),
         }
     }
 }
@@ -366,6 +380,9 @@ impl Config {
             &mut self.token_file,
             &mut self.state_dir,
             &mut self.local_api_socket,
+            &mut self.event_bus.event_bus_tls.tls_mqtt_ca_file,
+            &mut self.event_bus.event_bus_tls.tls_mqtt_cert_file,
+            &mut self.event_bus.event_bus_tls.tls_mqtt_private_key_file,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = dir.join(&*p);
@@ -413,6 +430,12 @@ impl Config {
         }
         if self.join_retry_max.0 < Duration::from_millis(10) {
             return bad("joinRetryMax", "must be at least 0.01 s".into());
+        }
+        if !(1..=2).contains(&self.device_topic_id_segments) {
+            return bad(
+                "deviceTopicIdSegments",
+                format!("{} is not 1 or 2", self.device_topic_id_segments),
+            );
         }
         if self.message_qps == 0 {
             return bad("messageQPS", "0 would block every upstream message forever".into());
@@ -474,6 +497,7 @@ impl Config {
             crate::certs::http::BaseUrl::parse(&self.http_server)?;
         }
         self.validate_node_object()?;
+        self.event_bus.validate()?;
         for (key, path) in [
             ("tlsCaFile", &self.tls_ca_file),
             ("tlsCertFile", &self.tls_cert_file),
@@ -572,7 +596,175 @@ impl Config {
         if !shown.token.is_empty() {
             shown.token = "<redacted>".to_owned();
         }
+        if !shown.event_bus.mqtt_password.is_empty() {
+            shown.event_bus.mqtt_password = "<redacted>".to_owned();
+        }
         serde_json::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+// ---- devices over MQTT (issue 13) ----
+
+pub const DEFAULT_MQTT_MODE: u8 = 2;
+pub const DEFAULT_MQTT_SERVER_INTERNAL: &str = "tcp://127.0.0.1:1884";
+/// edgecore's default `mqttSessionQueueSize`; here the bound of publishes waiting for the broker.
+pub const DEFAULT_MQTT_SESSION_QUEUE_SIZE: usize = 100;
+pub const DEFAULT_MQTT_QUEUE_MAX_BYTES: usize = 1 << 20;
+pub const DEFAULT_MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_MQTT_MAX_PACKET_BYTES: usize = 1 << 20;
+pub const DEFAULT_MQTT_CA_FILE: &str = "/etc/kubeedge/ca/rootCA.crt";
+pub const DEFAULT_MQTT_CERT_FILE: &str = "/etc/kubeedge/certs/server.crt";
+pub const DEFAULT_MQTT_KEY_FILE: &str = "/etc/kubeedge/certs/server.key";
+
+/// edgecore's `modules.eventBus` (edge-node §3.1), plus the agent's own `mqttQueueMaxBytes`,
+/// `mqttKeepAlive` and `mqttMaxPacketBytes`. Only the external-broker mode exists here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EventBus {
+    /// `false` turns MQTT off even with a broker configured.
+    pub enable: bool,
+    /// 2 (external broker) or 1 (treated as 2: there is no internal broker); 0 is refused.
+    pub mqtt_mode: u8,
+    /// The broker, `tcp://host:port` (`ssl://` for TLS). Empty (the default here, unlike
+    /// edgecore): MQTT is off and a gateway without devices runs as before.
+    pub mqtt_server_external: String,
+    /// Accepted so an edgecore section can be pasted; there is no internal broker.
+    pub mqtt_server_internal: String,
+    /// QoS of the agent's publishes (0 or 1). edgecore's external mode always publishes at 1,
+    /// so the default here is 1.
+    #[serde(rename = "mqttQOS")]
+    pub mqtt_qos: u8,
+    pub mqtt_retain: bool,
+    /// Publishes kept while the broker is away (the oldest is dropped beyond it).
+    pub mqtt_session_queue_size: usize,
+    /// The client ID (default `hub-client-sub-<ms time>`, as edgecore).
+    #[serde(rename = "mqttSubClientID")]
+    pub mqtt_sub_client_id: String,
+    /// Accepted for compatibility: one connection both subscribes and publishes.
+    #[serde(rename = "mqttPubClientID")]
+    pub mqtt_pub_client_id: String,
+    pub mqtt_username: String,
+    /// Never printed.
+    pub mqtt_password: String,
+    #[serde(rename = "eventBusTLS")]
+    pub event_bus_tls: EventBusTls,
+    /// Payload bytes kept while the broker is away (the oldest is dropped beyond it).
+    pub mqtt_queue_max_bytes: usize,
+    pub mqtt_keep_alive: Seconds,
+    /// Largest packet accepted from the broker; a longer one is skipped and counted.
+    pub mqtt_max_packet_bytes: usize,
+}
+
+/// `eventBus.eventBusTLS`: TLS to the broker (also turned on by an `ssl://` address).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EventBusTls {
+    pub enable: bool,
+    #[serde(rename = "tlsMqttCAFile")]
+    pub tls_mqtt_ca_file: PathBuf,
+    pub tls_mqtt_cert_file: PathBuf,
+    pub tls_mqtt_private_key_file: PathBuf,
+}
+
+impl Default for EventBusTls {
+    fn default() -> EventBusTls {
+        EventBusTls {
+            enable: false,
+            tls_mqtt_ca_file: PathBuf::from(DEFAULT_MQTT_CA_FILE),
+            tls_mqtt_cert_file: PathBuf::from(DEFAULT_MQTT_CERT_FILE),
+            tls_mqtt_private_key_file: PathBuf::from(DEFAULT_MQTT_KEY_FILE),
+        }
+    }
+}
+
+impl Default for EventBus {
+    fn default() -> EventBus {
+        EventBus {
+            enable: true,
+            mqtt_mode: DEFAULT_MQTT_MODE,
+            mqtt_server_external: String::new(),
+            mqtt_server_internal: DEFAULT_MQTT_SERVER_INTERNAL.to_owned(),
+            mqtt_qos: 1,
+            mqtt_retain: false,
+            mqtt_session_queue_size: DEFAULT_MQTT_SESSION_QUEUE_SIZE,
+            mqtt_sub_client_id: String::new(),
+            mqtt_pub_client_id: String::new(),
+            mqtt_username: String::new(),
+            mqtt_password: String::new(),
+            event_bus_tls: EventBusTls::default(),
+            mqtt_queue_max_bytes: DEFAULT_MQTT_QUEUE_MAX_BYTES,
+            mqtt_keep_alive: Seconds(DEFAULT_MQTT_KEEP_ALIVE),
+            mqtt_max_packet_bytes: DEFAULT_MQTT_MAX_PACKET_BYTES,
+        }
+    }
+}
+
+impl EventBus {
+    /// True when the agent connects to a broker.
+    pub fn is_on(&self) -> bool {
+        self.enable && !self.mqtt_server_external.trim().is_empty()
+    }
+
+    /// The `eventBus` part of [`Config::validate`].
+    ///
+    /// # Errors
+    /// `Config` naming `eventBus.<key>` and the reason.
+    pub fn validate(&self) -> Result<()> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        let bad =
+            |key: &str, why: String| Err(ErrorKind::Config.msg(format!("eventBus.{key}: {why}")));
+        if self.mqtt_mode == 0 || self.mqtt_mode > 2 {
+            return bad(
+                "mqttMode",
+                format!(
+                    "{} is not supported: only 2 (external broker) exists here",
+                    self.mqtt_mode
+                ),
+            );
+        }
+        if self.mqtt_qos > 1 {
+            return bad("mqttQOS", format!("{} is not 0 or 1", self.mqtt_qos));
+        }
+        let broker = crate::mqtt::Broker::parse(&self.mqtt_server_external)?;
+        if (broker.tls || self.event_bus_tls.enable)
+            && self.event_bus_tls.tls_mqtt_ca_file.as_os_str().is_empty()
+        {
+            return bad("eventBusTLS.tlsMqttCAFile", "TLS to the broker needs a CA file".into());
+        }
+        let keep_alive = self.mqtt_keep_alive.0;
+        if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65_535) {
+            return bad("mqttKeepAlive", format!("{keep_alive:?} is not 1 to 65535 s"));
+        }
+        for (key, n, min) in [
+            ("mqttSessionQueueSize", self.mqtt_session_queue_size, 1),
+            ("mqttQueueMaxBytes", self.mqtt_queue_max_bytes, 1024),
+            ("mqttMaxPacketBytes", self.mqtt_max_packet_bytes, 1024),
+        ] {
+            if n < min {
+                return bad(key, format!("{n} is below the minimum {min}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// edgecore's `modules.serviceBus` (edge-node §3.5). Only `enable` acts: requests go to
+/// `http://127.0.0.1:<port from the request>`; `server`, `port` and `timeout` are accepted so the
+/// section pastes as is (the local HTTP server edgecore starts on them is not offered).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServiceBus {
+    pub enable: bool,
+    pub server: String,
+    pub port: u16,
+    pub timeout: u32,
+}
+
+impl Default for ServiceBus {
+    fn default() -> ServiceBus {
+        ServiceBus { enable: false, server: "127.0.0.1".to_owned(), port: 9060, timeout: 60 }
     }
 }
 
@@ -735,5 +927,61 @@ mod tests {
         std::fs::write(dir.join("rel.json"), r#"{"tlsCaFile":"ca.crt"}"#).unwrap();
         let c = Config::load(&dir.join("rel.json")).unwrap();
         assert_eq!(c.tls_ca_file, dir.join("ca.crt"));
+    }
+
+    // ---- devices over MQTT (issue 13) ----
+
+    #[test]
+    fn event_bus_takes_edgecores_section_and_is_off_without_a_broker() {
+        assert!(!Config::from_json("{}").unwrap().event_bus.is_on());
+        let c = Config::from_json(
+            r#"{"eventBus": {"enable": true, "mqttMode": 2, "mqttQOS": 0, "mqttRetain": false,
+                "mqttSessionQueueSize": 100, "mqttServerExternal": "tcp://127.0.0.1:1883",
+                "mqttServerInternal": "tcp://127.0.0.1:1884", "mqttSubClientID": "",
+                "mqttPubClientID": "", "mqttUsername": "u", "mqttPassword": "hunter2",
+                "eventBusTLS": {"enable": false, "tlsMqttCAFile": "/etc/kubeedge/ca/rootCA.crt",
+                  "tlsMqttCertFile": "/etc/kubeedge/certs/server.crt",
+                  "tlsMqttPrivateKeyFile": "/etc/kubeedge/certs/server.key"}}}"#,
+        )
+        .unwrap();
+        assert!(c.event_bus.is_on());
+        c.event_bus.validate().unwrap();
+        let shown = c.to_redacted_json();
+        assert!(!shown.contains("hunter2") && shown.contains("mqttServerExternal"), "{shown}");
+        let e = Config::from_json(r#"{"eventBus": {"mqttBogus": 1}}"#).unwrap_err().to_string();
+        assert!(e.contains("mqttBogus"), "{e}");
+    }
+
+    #[test]
+    fn event_bus_values_are_checked_naming_the_key() {
+        let mut ok = Config::from_json("{}").unwrap().event_bus;
+        ok.mqtt_server_external = "tcp://127.0.0.1:1883".into();
+        ok.validate().unwrap();
+        type Mutation = Box<dyn Fn(&mut EventBus)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("mqttMode", Box::new(|b| b.mqtt_mode = 0)),
+            ("mqttQOS", Box::new(|b| b.mqtt_qos = 2)),
+            ("mqttServerExternal", Box::new(|b| b.mqtt_server_external = "ws://x:1".into())),
+            ("mqttKeepAlive", Box::new(|b| b.mqtt_keep_alive = Seconds(Duration::ZERO))),
+            ("mqttSessionQueueSize", Box::new(|b| b.mqtt_session_queue_size = 0)),
+            ("mqttQueueMaxBytes", Box::new(|b| b.mqtt_queue_max_bytes = 10)),
+            (
+                "tlsMqttCAFile",
+                Box::new(|b| {
+                    b.mqtt_server_external = "ssl://h:8883".into();
+                    b.event_bus_tls.tls_mqtt_ca_file = PathBuf::new();
+                }),
+            ),
+        ];
+        for (key, mutate) in cases {
+            let mut b = ok.clone();
+            mutate(&mut b);
+            let e = b.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("eventBus"), "{key}: {e}");
+        }
+        let mut off = ok.clone();
+        off.enable = false;
+        off.mqtt_mode = 0;
+        off.validate().unwrap(); // nothing is checked while MQTT is off
     }
 }

@@ -21,6 +21,12 @@
 //!   resource store that ACKs), `modules::node` (the Node object: registration, status, pods),
 //!   `modules::node_status` (host facts), `modules::local_api` (the Unix socket for apps and
 //!   mappers) with its client `local_client`;
+//! - devices (issue 13): `mqtt` (the client to the local broker: `eh-mqtt` and `eh-mqtt-read`,
+//!   its codec and connection), `modules::event_bus` (MQTT ⇄ cloud; owns `bus` when a broker or the
+//!   ServiceBus is configured, forwarding to the local API) and `modules::service_bus` (cloud
+//!   requests to local HTTP services on `eh-servicebus`), `modules::device_twin` (KubeEdge's
+//!   DeviceTwin for mappers on `eh-twin`, owning `twin` when a broker is configured: its rules as
+//!   plain functions, its durable device store, and a newer cloud's Device objects);
 //! - certificates: `certs` (join with a token, expiry check, rotation, the pair store);
 //! - the process: `config`, `cli`, `agent` (assembly, start/stop order, reload), `status`
 //!   (counters), `logging`, `error`, `dirs` (private directories whose creation is durable);
@@ -44,6 +50,7 @@ pub mod local_client;
 pub mod logging;
 pub mod message;
 pub mod modules;
+pub mod mqtt;
 pub mod outbox;
 mod poll;
 pub mod router;

@@ -48,6 +48,10 @@ pub struct Status {
     pub control_answered: AtomicU32,
     /// Local IP address of the current (or last) link's socket, for the node's `InternalIP`.
     link_local_ip: std::sync::Mutex<Option<std::net::IpAddr>>,
+    /// The MQTT client's counters, once the EventBus has started one (issue 13).
+    pub mqtt: OnceLock<crate::mqtt::Publisher>,
+    /// DeviceTwin's counters, once its module runs (issue 13).
+    pub twin: OnceLock<crate::modules::device_twin::TwinHandle>,
 }
 
 impl Status {
@@ -85,7 +89,7 @@ impl Status {
             t => json!(t),
         };
         let counters = &outbox.counters;
-        json!({
+        let mut snapshot = json!({
             "connected": self.is_connected(),
             "server": self.server.get().cloned().unwrap_or_default(),
             "now": unix_now(),
@@ -118,7 +122,14 @@ impl Status {
             "redeliveries": get(&self.redeliveries),
             "localClients": get(&self.local_clients),
             "certNotAfter": time(&self.cert_not_after),
-        })
+        });
+        if let Some(mqtt) = self.mqtt.get() {
+            snapshot["mqtt"] = json!(mqtt.stats());
+        }
+        if let Some(twin) = self.twin.get() {
+            snapshot["twin"] = twin.stats_json();
+        }
+        snapshot
     }
 }
 

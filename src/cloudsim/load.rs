@@ -225,10 +225,28 @@ impl Stamp {
     /// The stamp of `content`, if it is bench content.
     pub fn of(content: &RawValue) -> Option<Stamp> {
         let text = content.get();
+        if text.starts_with(r#""{\"bench\":"#) {
+            // Bench content sent as a JSON string: an MQTT payload uploaded by the EventBus.
+            let inner: String = serde_json::from_str(text).ok()?;
+            return serde_json::from_str(&inner).ok();
+        }
+        if text.starts_with(r#"{"event_id":"#) {
+            return Stamp::of_twin_report(text);
+        }
         if !text.starts_with(r#"{"bench":"#) {
             return None; // cheap reject of everything else (keepalives, status)
         }
         serde_json::from_str(text).ok()
+    }
+
+    /// The stamp in an `edge_updated` of a bench mapper (`edgehub-mqtt-load --twin-devices`): the
+    /// `bench` twin's reported value is `<seq>:<sent ns>`.
+    fn of_twin_report(text: &str) -> Option<Stamp> {
+        const MARK: &str = r#""twin":{"bench":{"actual":{"value":""#;
+        let start = text.find(MARK)? + MARK.len();
+        let value = &text[start..start + text[start..].find('"')?];
+        let (seq, sent_ns) = value.split_once(':')?;
+        Some(Stamp { seq: seq.parse().ok()?, sent_ns: sent_ns.parse().ok()? })
     }
 
     /// Nanoseconds from `sent_ns` to `now_ns` (0 if the clock stepped back).
@@ -590,6 +608,12 @@ mod tests {
         assert!(stamp.age_ns(unix_ns()) < 60_000_000_000);
         assert!(bench_content(7, 0).get().ends_with(r#""pad":""}"#));
         assert_eq!(Stamp::of(&json_content(r#""ping""#).unwrap()), None);
+        let as_string = text_content(bench_content(7, 130).get());
+        assert_eq!(Stamp::of(&as_string).map(|s| s.seq), Some(7), "an uploaded MQTT payload");
+        let twin = r#"{"event_id":"e","timestamp":1,"twin":{"bench":{"actual":{"value":"9:123","metadata":{"timestamp":1}}}}}"#;
+        let stamp = Stamp::of(&json_content(twin).unwrap()).unwrap();
+        assert_eq!((stamp.seq, stamp.sent_ns), (9, 123), "a bench mapper's edge_updated");
+        assert_eq!(Stamp::of(&json_content(r#"{"event_id":"e","twin":{}}"#).unwrap()), None);
     }
 
     #[test]

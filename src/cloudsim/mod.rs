@@ -11,6 +11,7 @@
 
 pub mod certserver;
 mod conn;
+pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod load;
 pub mod pki;

@@ -160,10 +160,31 @@ pub fn spec(
     meta: Option<MetaHandle>,
     changes: Option<Receiver<Message>>,
 ) -> Result<ModuleSpec> {
+    spec_forwarding(settings, meta, changes, None, &[])
+}
+
+/// [`spec`] for an agent where other modules own some of the groups (`owned_elsewhere`, e.g.
+/// `bus` when the EventBus runs): the local API does not register for them, and shows their
+/// subscribers what those modules forward on `forwarded` (cloud messages, grouped as the router
+/// would; the owner handles ACKs, so forwarded messages are never released here).
+///
+/// # Errors
+/// As [`spec`].
+pub fn spec_forwarding(
+    settings: Settings,
+    meta: Option<MetaHandle>,
+    changes: Option<Receiver<Message>>,
+    forwarded: Option<Receiver<Message>>,
+    owned_elsewhere: &[&'static str],
+) -> Result<ModuleSpec> {
     let (listener, socket_file) = bind(&settings.socket)?;
-    let groups = [bus_group::TWIN, bus_group::BUS, bus_group::TASK_MANAGER, bus_group::OTHER];
+    let groups: Vec<&'static str> =
+        [bus_group::TWIN, bus_group::BUS, bus_group::TASK_MANAGER, bus_group::OTHER]
+            .into_iter()
+            .filter(|g| !owned_elsewhere.contains(g))
+            .collect();
     Ok(ModuleSpec::new(MODULE_NAME, &groups, move |ctx| {
-        run(ctx, listener, socket_file, settings, meta, changes);
+        run(ctx, listener, socket_file, settings, meta, changes, forwarded);
     }))
 }
 
@@ -271,6 +292,7 @@ fn run(
     settings: Settings,
     meta: Option<MetaHandle>,
     changes: Option<Receiver<Message>>,
+    forwarded: Option<Receiver<Message>>,
 ) {
     // A second handle on the listening socket: shutdown(2) on it wakes the blocked accept().
     let waker = listener.try_clone().map(|l| UnixStream::from(OwnedFd::from(l)));
@@ -316,6 +338,7 @@ fn run(
     };
 
     let mut changes = changes.unwrap_or_else(never);
+    let mut forwarded = forwarded.unwrap_or_else(never);
     loop {
         select! {
             recv(ctx.inbox) -> msg => match msg {
@@ -332,6 +355,13 @@ fn run(
                     clients.publish(Some(bus_group::META), &event_line(bus_group::META, &msg));
                 }
                 Err(_) => changes = never(), // the store has stopped; keep serving the rest
+            },
+            recv(forwarded) -> msg => match msg {
+                Ok(msg) => {
+                    let group = subscription_group(&msg);
+                    clients.publish(Some(group), &event_line(group, &msg));
+                }
+                Err(_) => forwarded = never(), // its owner has stopped
             },
         }
     }

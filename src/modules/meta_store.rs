@@ -962,6 +962,11 @@ impl Store {
 /// and wrote, and are joined before anything is renamed, so the store thread still owns every
 /// write. A helper that cannot be spawned leaves its share to this thread.
 fn sync_files(files: &[&File]) -> Vec<io::Result<()>> {
+    sync_files_named(files, SYNC_HELPER_NAME)
+}
+
+/// [`sync_files`] with helper threads named `helper_name` (the twin store uses it too).
+pub(crate) fn sync_files_named(files: &[&File], helper_name: &str) -> Vec<io::Result<()>> {
     if files.len() <= 1 || SYNC_HELPERS <= 1 {
         return files.iter().map(|file| file.sync_all()).collect();
     }
@@ -971,7 +976,7 @@ fn sync_files(files: &[&File]) -> Vec<io::Result<()>> {
             .chunks(share)
             .map(|part| {
                 let helper = std::thread::Builder::new()
-                    .name(SYNC_HELPER_NAME.to_owned())
+                    .name(helper_name.to_owned())
                     .stack_size(SYNC_HELPER_STACK_BYTES)
                     .spawn_scoped(scope, move || {
                         part.iter().map(|file| file.sync_all()).collect::<Vec<_>>()

@@ -3,10 +3,13 @@
 //! which a module talks to the cloud (send, request/response, and the one `ack` call), and the
 //! [`Module`] handle that owns the thread. Nothing here is specific to one module.
 
+pub mod device_twin;
+pub mod event_bus;
 pub mod local_api;
 pub mod meta_store;
 pub mod node;
 pub mod node_status;
+pub mod service_bus;
 
 use crate::error::{ErrorKind, Result};
 use crate::message::Message;

@@ -3,6 +3,7 @@
 //! capture what they receive, bounded waits on events, and a watchdog so a hang fails the test.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod mosquitto;
 pub mod proxy;
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
