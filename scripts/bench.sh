@@ -156,7 +156,7 @@ JSON
   agent_pid=$!
   agent_status() {
     "$work/edgehub-device" status --json --socket "$work/mqtt.sock" 2>/dev/null |
-      python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin), separators=(",", ":")))' ||
+      python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin), separators=(",", ":")))' 2>/dev/null ||
       echo '{}'
   }
   for _ in $(seq 100); do

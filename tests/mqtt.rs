@@ -250,6 +250,19 @@ fn tls_to_the_broker_with_a_client_certificate() {
     assert_eq!(client.publisher().stats().connects, 0);
     client.stop();
 
+    // A CA that did not sign the broker's certificate: never connected.
+    let other = edgehub::cloudsim::pki::Pki::generate("other").unwrap();
+    let other_dir = support::TempDir::new("mqtt-tls-other");
+    let other_paths = other.write_to(other_dir.path()).unwrap();
+    let mut options = tls_options(true);
+    if let Some(tls) = options.tls.as_mut() {
+        tls.ca = other_paths.ca_cert.clone();
+    }
+    let client = ClientBuilder::new(options).start().unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // nothing to wait for: it must stay down
+    assert_eq!(client.publisher().stats().connects, 0);
+    client.stop();
+
     // A CA file that does not exist fails the start, naming the key.
     let mut options = tls_options(true);
     if let Some(tls) = options.tls.as_mut() {

@@ -12,6 +12,8 @@ use super::Options;
 use crate::error::{ErrorKind, Result};
 use crate::poll::{self, Interest};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream, SslVersion};
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::X509;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::{Mutex, MutexGuard};
@@ -68,9 +70,19 @@ pub(super) fn tls_connector(options: &Options) -> Result<Option<SslConnector>> {
     builder
         .set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(|e| err("set tls version".into()).src(e))?;
-    builder
-        .set_ca_file(&files.ca)
-        .map_err(|e| err(format!("eventBusTLS.tlsMqttCAFile {}", files.ca.display())).src(e))?;
+    // Trust only this CA: `SslConnector::builder` also loads the system's roots, which a store
+    // of our own replaces.
+    let ca_key = || err(format!("eventBusTLS.tlsMqttCAFile {}", files.ca.display()));
+    let ca_pem = std::fs::read(&files.ca).map_err(|e| ca_key().src(e))?;
+    let cas = X509::stack_from_pem(&ca_pem).map_err(|e| ca_key().src(e))?;
+    if cas.is_empty() {
+        return Err(ca_key().src("no PEM certificate in file"));
+    }
+    let mut store = X509StoreBuilder::new().map_err(|e| ca_key().src(e))?;
+    for ca in cas {
+        store.add_cert(ca).map_err(|e| ca_key().src(e))?;
+    }
+    builder.set_cert_store(store.build());
     if let Some((cert, key)) = &files.client {
         builder
             .set_certificate_chain_file(cert)
