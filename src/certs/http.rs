@@ -446,7 +446,8 @@ impl BodyReader<'_, '_> {
             let size_text = line.split(';').next().unwrap_or_default().trim();
             let size = Some(size_text)
                 .filter(|t| t.len() <= MAX_CHUNK_SIZE_DIGITS)
-                .and_then(|t| usize::from_str_radix(t, 16).ok())
+                // u64, not usize: the same size is refused the same way on 32-bit gateways.
+                .and_then(|t| u64::from_str_radix(t, 16).ok())
                 .ok_or_else(|| self.protocol(format!("bad chunk size {:?}", shown(size_text))))?;
             if size == 0 {
                 // Trailers, up to the empty line.
@@ -454,12 +455,16 @@ impl BodyReader<'_, '_> {
                 return Ok(body);
             }
             // Checked: a size near usize::MAX must not wrap past the limit (issue 11, item 2).
-            if body.len().checked_add(size).map_or(true, |total| total > MAX_BODY_BYTES) {
+            let total = (body.len() as u64).checked_add(size);
+            let Some(size) = total
+                .filter(|&total| total <= MAX_BODY_BYTES as u64)
+                .and_then(|_| usize::try_from(size).ok())
+            else {
                 return Err(self.protocol(format!(
                     "chunk of {size} bytes after {} takes the body over the {MAX_BODY_BYTES}-byte limit",
                     body.len()
                 )));
-            }
+            };
             body.extend_from_slice(&self.read_exact(size)?);
             if !self.read_line()?.is_empty() {
                 return Err(self.protocol("chunk not followed by CRLF".into()));
