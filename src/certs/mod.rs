@@ -850,25 +850,9 @@ fn unix_of(time: &Asn1TimeRef) -> Result<i64> {
     Ok(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
 }
 
-/// Unix seconds as `2026-03-05T12:00:00Z`.
+/// Unix seconds as `2026-03-05T12:00:00Z` (one implementation, with the node status's).
 pub fn rfc3339(unix: i64) -> String {
-    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    crate::modules::node_status::rfc3339(unix)
 }
 
 #[cfg(test)]

@@ -564,13 +564,7 @@ pub fn status_request(
             "nodeInfo": node_info(facts),
         },
         "ExtendResources": null,
-        "HostState": {
-            "uptimeSeconds": facts.uptime_secs,
-            "load": facts.load,
-            "memAvailableKi": facts.mem_available_kib,
-            "stateDirTotalKi": facts.state_dir_kib.map(|(total, _)| total),
-            "stateDirAvailableKi": facts.state_dir_kib.map(|(_, available)| available),
-        },
+        "HostState": node_status::host_state(facts),
     })
 }
 

@@ -248,13 +248,18 @@ pub fn status_content(
         "ExtendResources": null,
         // Not a field of Go's NodeStatusRequest: CloudHub's decoder ignores it, while anyone
         // reading the message (dashboards, the simulator's log) sees the host's live state.
-        "HostState": {
-            "uptimeSeconds": facts.uptime_secs,
-            "load": facts.load,
-            "memAvailableKi": facts.mem_available_kib,
-            "stateDirTotalKi": facts.state_dir_kib.map(|(total, _)| total),
-            "stateDirAvailableKi": facts.state_dir_kib.map(|(_, available)| available),
-        },
+        "HostState": host_state(facts),
+    })
+}
+
+/// The host's live state, sent beside a status request (CloudHub's decoder ignores the key).
+pub fn host_state(facts: &HostFacts) -> Value {
+    json!({
+        "uptimeSeconds": facts.uptime_secs,
+        "load": facts.load,
+        "memAvailableKi": facts.mem_available_kib,
+        "stateDirTotalKi": facts.state_dir_kib.map(|(total, _)| total),
+        "stateDirAvailableKi": facts.state_dir_kib.map(|(_, available)| available),
     })
 }
 

@@ -727,25 +727,9 @@ fn state_update(devices: &Devices, id: &str, payload: &[u8], now: i64) -> Effect
 
 /// REF's `last_online` layout `2006-01-02 15:04:05`, in UTC (the agent has no time zone data).
 pub fn last_online_text(now_ms: i64) -> String {
-    let secs = now_ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // `2006-01-02T15:04:05Z` → `2006-01-02 15:04:05`
+    let text = crate::modules::node_status::rfc3339(now_ms.div_euclid(1000));
+    text.trim_end_matches('Z').replacen('T', " ", 1)
 }
 
 #[derive(Serialize)]
