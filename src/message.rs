@@ -333,8 +333,18 @@ pub fn new_uuid() -> String {
     b[8..].copy_from_slice(&lo.to_be_bytes());
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+                                 // One allocation and a table lookup per nibble: `format!` per byte was 16 allocations and a
+                                 // tenth of the sending thread's CPU at 10k messages/s (scripts/bench.sh, issue 14).
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(char::from(DIGITS[usize::from(x >> 4)]));
+        id.push(char::from(DIGITS[usize::from(x & 0x0f)]));
+    }
+    id
 }
 
 /// A pseudo-random u64 (splitmix64 over a per-thread random seed and counter). Not for

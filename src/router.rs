@@ -10,9 +10,10 @@
 use crate::message::{group, operation, Message};
 use crate::outbox::Outbox;
 use crate::status::Status;
-use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Groups on the edge's side (protocol §1.5): what modules register for.
 pub mod bus_group {
@@ -68,24 +69,66 @@ pub fn destination(msg: &Message) -> Destination {
 /// own entry when it gives up, so no timer is left behind per request.
 #[derive(Debug, Default)]
 pub struct Pending {
-    waiters: Mutex<HashMap<String, Sender<Message>>>,
+    waiters: Mutex<HashMap<String, Arc<ResponseSlot>>>,
+}
+
+/// Where one response is left for its requester: a mutex and a condition variable instead of a
+/// channel, because a channel's blocking receive spins and yields the CPU several times before it
+/// sleeps, which cost more than the hand-off itself on a busy core (issue 14, request/response).
+#[derive(Debug, Default)]
+struct ResponseSlot {
+    response: Mutex<Option<Message>>,
+    arrived: Condvar,
+}
+
+/// The requester's end of a registered request: [`ResponseWaiter::wait`] for the response.
+#[derive(Debug)]
+pub struct ResponseWaiter {
+    slot: Arc<ResponseSlot>,
+}
+
+impl ResponseWaiter {
+    /// The response, once it arrived; `None` when `timeout` passed first.
+    pub fn wait(&self, timeout: Duration) -> Option<Message> {
+        let deadline = Instant::now() + timeout;
+        let mut response =
+            self.slot.response.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            if let Some(msg) = response.take() {
+                return Some(msg);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            response = match self.slot.arrived.wait_timeout(response, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// The response if it has arrived, without waiting.
+    pub fn try_take(&self) -> Option<Message> {
+        self.slot.response.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
 }
 
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sender<Message>>> {
-        // A map of channel ends: a panic elsewhere cannot leave it half-updated.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ResponseSlot>>> {
+        // A map of response slots: a panic elsewhere cannot leave it half-updated.
         self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a waiter for the response to `request_id`. `None` when too many are waiting.
-    pub fn register(&self, request_id: &str) -> Option<Receiver<Message>> {
+    pub fn register(&self, request_id: &str) -> Option<ResponseWaiter> {
         let mut waiters = self.lock();
         if waiters.len() >= MAX_PENDING_REQUESTS {
             return None;
         }
-        let (tx, rx) = bounded(1);
-        waiters.insert(request_id.to_owned(), tx);
-        Some(rx)
+        let slot = Arc::new(ResponseSlot::default());
+        waiters.insert(request_id.to_owned(), slot.clone());
+        Some(ResponseWaiter { slot })
     }
 
     /// Forgets a waiter (it timed out or its request could not be queued).
@@ -99,7 +142,12 @@ impl Pending {
     pub fn deliver(&self, response: Message) -> Result<(), Box<Message>> {
         let waiter = self.lock().remove(&response.header.parent_id);
         match waiter {
-            Some(tx) => tx.try_send(response).map_err(|e| Box::new(e.into_inner())),
+            Some(slot) => {
+                *slot.response.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some(response);
+                slot.arrived.notify_one();
+                Ok(())
+            }
             None => Err(Box::new(response)),
         }
     }
@@ -198,7 +246,12 @@ pub struct Router {
     redeliveries: Arc<Redeliveries>,
     outbox: Arc<Outbox>,
     status: Arc<Status>,
+    /// Messages a module inbox may hold (see `deliver_to`).
+    inbox_cap: usize,
 }
+
+/// How often a reader waiting for room in a full module inbox looks again.
+const INBOX_FULL_POLL: Duration = Duration::from_millis(1);
 
 impl Router {
     /// `modules`: name, first group and inbox of each module; `groups`: bus group → module index.
@@ -210,7 +263,14 @@ impl Router {
         outbox: Arc<Outbox>,
         status: Arc<Status>,
     ) -> Router {
-        Router { modules, groups, pending, redeliveries, outbox, status }
+        let inbox_cap = crate::config::DEFAULT_MODULE_INBOX_CAP;
+        Router { modules, groups, pending, redeliveries, outbox, status, inbox_cap }
+    }
+
+    /// Sets how many messages a module inbox may hold (`moduleInboxCapacity`).
+    pub fn with_inbox_capacity(mut self, inbox_cap: usize) -> Router {
+        self.inbox_cap = inbox_cap.max(1);
+        self
     }
 
     /// Routes one message from the cloud. Blocks only while a module inbox is full, and returns
@@ -291,28 +351,27 @@ impl Router {
         self.deliver_to(index, msg, stop)
     }
 
+    /// Module inboxes are unbounded channels (`Module::spawn`) bounded here, by their length: only
+    /// the router sends to them. A bounded channel allocates and touches every slot up front,
+    /// 63 KB per module at the default capacity, most of an idle agent's heap (issue 14).
     fn deliver_to(&self, index: usize, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
         let (module, _, inbox) = &self.modules[index];
-        let msg = match inbox.try_send(msg) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Disconnected(msg)) => {
-                log::error!("module {module} has stopped; dropping {msg:?}");
-                Status::bump(&self.status.unroutable);
-                return Ok(());
-            }
-            Err(TrySendError::Full(msg)) => msg,
-        };
-        log::warn!("module {module} inbox full; pausing reads from the cloud until it catches up");
-        select! {
-            send(inbox, msg) -> sent => {
-                if let Err(e) = sent {
-                    log::error!("module {module} has stopped; dropping {:?}", e.into_inner());
-                    Status::bump(&self.status.unroutable);
+        if inbox.len() >= self.inbox_cap {
+            log::warn!(
+                "module {module} inbox full; pausing reads from the cloud until it catches up"
+            );
+            while inbox.len() >= self.inbox_cap {
+                select! {
+                    recv(stop) -> _ => return Err(Stopped),
+                    default(INBOX_FULL_POLL) => {}
                 }
-                Ok(())
             }
-            recv(stop) -> _ => Err(Stopped),
         }
+        if let Err(e) = inbox.send(msg) {
+            log::error!("module {module} has stopped; dropping {:?}", e.into_inner());
+            Status::bump(&self.status.unroutable);
+        }
+        Ok(())
     }
 
     /// Tells every module, once each, that the cloud link came up or went down (protocol §3.3;
@@ -384,7 +443,7 @@ mod tests {
         let rx = p.register("req-1").unwrap();
         let resp = m("resource", "edgecontroller", "response", "req-1");
         p.deliver(resp.clone()).unwrap();
-        assert_eq!(rx.try_recv().unwrap(), resp);
+        assert_eq!(rx.try_take().unwrap(), resp);
         assert!(p.deliver(resp).is_err(), "second response to the same request is an orphan");
         let _rx2 = p.register("req-2").unwrap();
         p.cancel("req-2");

@@ -268,8 +268,14 @@ impl Spool {
     /// Appends a put. Returns false (after logging) when the disk refused it; the caller keeps
     /// the message in memory anyway.
     pub fn put(&mut self, seq: u64, enqueued_ms: i64, message: &Message) -> bool {
+        self.put_encoded(seq, enqueued_ms, &message.encode())
+    }
+
+    /// [`Spool::put`] of a message already encoded (`Message::encode`), so the caller can use
+    /// the same text on the wire.
+    pub fn put_encoded(&mut self, seq: u64, enqueued_ms: i64, wire: &str) -> bool {
         self.next_seq = self.next_seq.max(seq + 1);
-        let record = encode_record(KIND_PUT, seq, enqueued_ms, message.encode().as_bytes());
+        let record = encode_record(KIND_PUT, seq, enqueued_ms, wire.as_bytes());
         if self.file.is_none() || self.file_bytes >= SEGMENT_BYTES {
             if let Err(e) = self.start_segment(seq) {
                 self.report(e);

@@ -920,14 +920,15 @@ fn print_compare(before: &std::path::Path, after: &std::path::Path) -> Result<()
         let med = |runs: &[RunFigures], f: fn(&RunFigures) -> Option<f64>| {
             median(runs.iter().filter_map(f).collect())
         };
-        let pair = |label: &str, unit: &str, f: fn(&RunFigures) -> Option<f64>| {
-            match (med(runs_b, f), med(runs_a, f)) {
-                (Some(b), Some(a)) if b > 0.0 => {
-                    format!("{label} {b:.1} → {a:.1}{unit} (×{:.2})", a / b)
-                }
-                (Some(b), Some(a)) => format!("{label} {b:.1} → {a:.1}{unit}"),
-                _ => String::new(),
+        let pair = |label: &str, unit: &str, f: fn(&RunFigures) -> Option<f64>| match (
+            med(runs_b, f),
+            med(runs_a, f),
+        ) {
+            (Some(b), Some(a)) if b > 0.0 => {
+                format!("{label} {b:.1} → {a:.1}{unit} (×{:.2})", a / b)
             }
+            (Some(b), Some(a)) => format!("{label} {b:.1} → {a:.1}{unit}"),
+            _ => String::new(),
         };
         let parts = if scenario.starts_with("idle") {
             vec![

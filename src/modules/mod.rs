@@ -12,7 +12,7 @@ use crate::message::Message;
 use crate::outbox::{Outbox, Rejected};
 use crate::router::{Pending, Redeliveries};
 use crate::status::Status;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -83,9 +83,9 @@ impl Hub {
             self.pending.cancel(&id);
             return Err(ErrorKind::Full.msg(rejected.to_string()));
         }
-        match response_rx.recv_timeout(timeout) {
-            Ok(response) => Ok(response),
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+        match response_rx.wait(timeout) {
+            Some(response) => Ok(response),
+            None => {
                 self.pending.cancel(&id);
                 Err(ErrorKind::Timeout
                     .msg(format!("no response to request {id} within {timeout:?}")))
@@ -150,8 +150,9 @@ pub struct Module {
 }
 
 impl Module {
-    /// Starts `spec` on a thread named `eh-<name>` with an inbox of `inbox_cap` messages.
-    /// Returns the handle and the inbox's sender, which only the router should keep.
+    /// Starts `spec` on a thread named `eh-<name>` with an inbox for `inbox_cap` messages.
+    /// Returns the handle and the inbox's sender, which only the router should keep: the router
+    /// keeps the inbox within `inbox_cap` (`Router::with_inbox_capacity`).
     ///
     /// # Errors
     /// `Io` when the thread cannot be spawned.
@@ -160,7 +161,10 @@ impl Module {
         inbox_cap: usize,
         hub: Hub,
     ) -> Result<(Module, Sender<Message>)> {
-        let (inbox_tx, inbox_rx) = bounded(inbox_cap);
+        // Unbounded as a channel, bounded by the router (`Router::with_inbox_capacity`), which
+        // only then allocates slots as messages come, instead of all of them up front.
+        let _ = inbox_cap;
+        let (inbox_tx, inbox_rx) = unbounded();
         let ModuleSpec { name, groups, body } = spec;
         let context = ModuleContext { name: name.clone(), inbox: inbox_rx, hub };
         let thread = std::thread::Builder::new()
