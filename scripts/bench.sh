@@ -13,8 +13,9 @@
 # line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync'
 #
 # Compare mode (issue 14): scripts/bench.sh compare BEFORE AFTER [scenario-name-filter]
-# runs the chosen scenarios BENCH_RUNS (3) times with each of two builds, before and after back to
-# back in every round, against this tree's simulator, and prints one line per scenario: medians of
+# runs each chosen scenario BENCH_RUNS (3) times with each of two builds, before and after back to
+# back (so both see the same load on the host), against this tree's simulator, and prints one line
+# per scenario: the median of the paired after/before ratios of CPU per message, and medians of
 # CPU µs per message or request (whole process, and the agent's threads without the bench's own),
 # rate, p50 latency, the after/before ratio and the load average. BEFORE and AFTER are folders
 # holding release builds of `edgehub-bench` (and `edgehub`, for idle), or paths of edgehub-bench
@@ -90,8 +91,25 @@ stop_sim() {
 
 wanted() { [ -z "$only" ] || [[ "$1" == *$only* ]]; }
 
+# In compare mode, runs a scenario BENCH_RUNS times with each build, before then after.
+compare_pairs() {
+  for round in $(seq "${BENCH_RUNS:-3}"); do
+    for side in before after; do
+      echo "bench: compare round $round, $side" >&2
+      results=bench-results/$stamp-$side.jsonl
+      if [ "$side" = before ]; then bench_bin=$before_bench device_bin=$before_device; else bench_bin=$after_bench device_bin=$after_device; fi
+      "$@"
+    done
+  done
+}
+
 # run_load NAME KIND OFFERED "SIM FLAGS" "BENCH FLAGS"
 run_load() {
+  if [ "$mode" = compare ] && [ -z "${in_pair:-}" ]; then
+    wanted "$1" || return 0
+    in_pair=1 compare_pairs run_load "$@"
+    return 0
+  fi
   local name=$1 kind=$2 offered=$3 sim_flags=$4 bench_flags=$5
   wanted "$name" || return 0
   echo "bench: $name ($secs s)" >&2
@@ -114,6 +132,10 @@ run_load() {
 
 run_idle() {
   wanted "idle" || return 0
+  if [ "$mode" = compare ] && [ -z "${in_pair:-}" ]; then
+    in_pair=1 compare_pairs run_idle
+    return 0
+  fi
   echo "bench: idle ($idle_secs s)" >&2
   start_sim
   cat >"$work/config.json" <<JSON
@@ -162,14 +184,7 @@ run_load "durable store ingest" durable max "--send-rate -1 $ack" "--durable"
 
 if [ "$mode" = compare ]; then
   all_results=$results
-  for round in $(seq "${BENCH_RUNS:-3}"); do
-    for side in before after; do
-      echo "bench: compare round $round, $side" >&2
-      results=bench-results/$stamp-$side.jsonl
-      if [ "$side" = before ]; then bench_bin=$before_bench device_bin=$before_device; else bench_bin=$after_bench device_bin=$after_device; fi
-      run_scenarios
-    done
-  done
+  run_scenarios
   rm -f "$all_results"
   echo "# before $before_bench, after $after_bench" | tee "bench-results/$stamp-compare.txt"
   "$bin/edgehub-bench" compare "bench-results/$stamp-before.jsonl" "bench-results/$stamp-after.jsonl" |

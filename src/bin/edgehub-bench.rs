@@ -945,6 +945,19 @@ fn print_compare(before: &std::path::Path, after: &std::path::Path) -> Result<()
                 pair("p50", " µs", |r| r.p50_us),
             ]
         };
+        // Runs are paired in file order (bench.sh runs before, then after, back to back): the
+        // median of the pairs' ratios is steadier than the ratio of medians on a busy host.
+        let paired: Vec<f64> = runs_b
+            .iter()
+            .zip(runs_a)
+            .filter_map(|(b, a)| b.cpu_us_per_unit.zip(a.cpu_us_per_unit))
+            .filter(|(b, _)| *b > 0.0)
+            .map(|(b, a)| a / b)
+            .collect();
+        let mut parts = parts;
+        if let Some(ratio) = median(paired) {
+            parts.insert(0, format!("CPU after/before ×{ratio:.2} (median of paired runs)"));
+        }
         let parts: Vec<String> = parts.into_iter().filter(|p| !p.is_empty()).collect();
         println!(
             "compare {scenario}: {}; median of {}/{} runs, load {:.1}/{:.1}",
