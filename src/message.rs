@@ -167,10 +167,18 @@ impl Message {
 
     /// Encodes as compact JSON followed by `\n`, exactly like gorilla's `WriteJSON`.
     pub fn encode(&self) -> String {
-        // Cannot fail: every field is a string, an integer or already valid raw JSON.
-        let mut text = serde_json::to_string(self).unwrap_or_default();
-        text.push('\n');
-        text
+        // Sized up front from the fields, so the text is written into one allocation instead of
+        // growing from serde_json's 128 bytes by doubling (issue 14).
+        let mut bytes = Vec::with_capacity(self.encoded_len_hint() + 16);
+        // Cannot fail: every field is a string, an integer or already valid raw JSON, and
+        // writing to a Vec does not fail.
+        if serde_json::to_writer(&mut bytes, self).is_err() {
+            bytes.clear();
+        }
+        bytes.push(b'\n');
+        // serde_json writes valid UTF-8; the lossy path is never taken.
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// Approximate encoded size in bytes, for queue accounting.

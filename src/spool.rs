@@ -61,7 +61,12 @@ pub struct Spool {
     failing: bool,
     /// One past the highest seq ever put: names a segment started only to hold done records.
     next_seq: u64,
+    /// A put's record is encoded here (kept unless it grew past `KEPT_RECORD_BUF_BYTES`).
+    record_buf: Vec<u8>,
 }
+
+/// Largest record buffer kept between puts; a bigger message's buffer is freed after use.
+const KEPT_RECORD_BUF_BYTES: usize = 16 << 10;
 
 /// CRC-32 (IEEE) lookup tables for slicing by 8, built at compile time: `CRC_TABLES[0]` is the
 /// classic byte table, `CRC_TABLES[k][i]` the CRC of byte `i` followed by `k` zero bytes.
@@ -118,17 +123,24 @@ pub fn crc32(bytes: &[u8]) -> u32 {
 
 /// Encodes one record.
 pub fn encode_record(kind: u8, seq: u64, enqueued_ms: i64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + FIXED_BODY_BYTES + payload.len());
+    encode_record_into(&mut out, kind, seq, enqueued_ms, payload);
+    out
+}
+
+/// Encodes one record at the end of `out` (empty, or holding whole records).
+pub fn encode_record_into(out: &mut Vec<u8>, kind: u8, seq: u64, enqueued_ms: i64, payload: &[u8]) {
+    let start = out.len();
     let body_len = FIXED_BODY_BYTES + payload.len();
-    let mut out = Vec::with_capacity(HEADER_BYTES + body_len);
+    out.reserve(HEADER_BYTES + body_len);
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]); // crc, filled below
     out.push(kind);
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&enqueued_ms.to_le_bytes());
     out.extend_from_slice(payload);
-    let crc = crc32(&out[HEADER_BYTES..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out
+    let crc = crc32(&out[start + HEADER_BYTES..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// One record decoded from a segment.
@@ -287,6 +299,7 @@ impl Spool {
             dirty: false,
             failing: false,
             next_seq,
+            record_buf: Vec::new(),
         };
         Ok((spool, recovered))
     }
@@ -301,14 +314,21 @@ impl Spool {
     /// the same text on the wire.
     pub fn put_encoded(&mut self, seq: u64, enqueued_ms: i64, wire: &str) -> bool {
         self.next_seq = self.next_seq.max(seq + 1);
-        let record = encode_record(KIND_PUT, seq, enqueued_ms, wire.as_bytes());
         if self.file.is_none() || self.file_bytes >= SEGMENT_BYTES {
             if let Err(e) = self.start_segment(seq) {
                 self.report(e);
                 return false;
             }
         }
-        match self.append(&record) {
+        // Encoded into a buffer kept between calls: no allocation per message (issue 14).
+        let mut record = std::mem::take(&mut self.record_buf);
+        encode_record_into(&mut record, KIND_PUT, seq, enqueued_ms, wire.as_bytes());
+        let appended = self.append(&record);
+        if record.capacity() <= KEPT_RECORD_BUF_BYTES {
+            record.clear();
+            self.record_buf = record;
+        }
+        match appended {
             Ok(()) => {
                 if let Some((_, segment)) = self.segments.iter_mut().next_back() {
                     segment.live += 1;
@@ -330,7 +350,7 @@ impl Spool {
         }
         let mut batch = Vec::with_capacity(seqs.len() * (HEADER_BYTES + FIXED_BODY_BYTES));
         for &seq in seqs {
-            batch.extend_from_slice(&encode_record(KIND_DONE, seq, 0, &[]));
+            encode_record_into(&mut batch, KIND_DONE, seq, 0, &[]);
         }
         // Recovered puts live in old segments; their done records go to a new one.
         let started = self.file.is_some() || {
