@@ -920,6 +920,41 @@ mod tests {
     }
 
     #[test]
+    fn a_spooled_message_reaches_the_writer_encoded_once_and_a_backlog_is_encoded_again() {
+        let dir = temp_dir("wire");
+        let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };
+        let o = Outbox::open(limits(KEEP_WIRE_QUEUED + 10), &options).unwrap();
+        for n in 0..KEEP_WIRE_QUEUED + 1 {
+            o.push(msg(n)).unwrap();
+        }
+        let mut kept = 0;
+        while let Next::Ready(t) = o.next(Instant::now()) {
+            if let Some(wire) = &t.wire {
+                assert_eq!(*wire, t.message.encode(), "the spooled text is the wire text");
+                kept += 1;
+            }
+        }
+        assert_eq!(kept, KEEP_WIRE_QUEUED, "text kept only for the first messages of a backlog");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_bell_keeps_a_ring_until_waited_for_and_times_out_otherwise() {
+        let o = Outbox::new(limits(10));
+        assert!(!o.wait_bell(Some(Duration::from_millis(5))), "nothing rang");
+        o.push(msg(1)).unwrap();
+        assert!(o.wait_bell(Some(Duration::ZERO)), "a ring before the wait is not lost");
+        assert!(!o.wait_bell(Some(Duration::from_millis(5))), "a ring is taken once");
+        let o = std::sync::Arc::new(o);
+        let waiter = {
+            let o = o.clone();
+            std::thread::spawn(move || o.wait_bell(None))
+        };
+        o.ring();
+        assert!(waiter.join().unwrap(), "a ring wakes a waiting writer");
+    }
+
+    #[test]
     fn spool_keeps_unsent_messages_across_a_restart_in_order() {
         let dir = temp_dir("restart");
         let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };

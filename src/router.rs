@@ -451,6 +451,49 @@ mod tests {
     }
 
     #[test]
+    fn a_response_waits_in_its_slot_until_taken_and_a_wait_times_out_without_one() {
+        let p = Pending::default();
+        let early = p.register("req-early").unwrap();
+        p.deliver(m("resource", "edgecontroller", "response", "req-early")).unwrap();
+        assert!(early.wait(Duration::ZERO).is_some(), "delivered before the wait");
+        let late = p.register("req-late").unwrap();
+        assert!(late.wait(Duration::from_millis(5)).is_none());
+        let p = Arc::new(p);
+        let waiter = std::thread::spawn(move || late.wait(Duration::from_secs(30)));
+        p.deliver(m("resource", "edgecontroller", "response", "req-late")).unwrap();
+        let got = waiter.join().unwrap().expect("woken by the response");
+        assert_eq!(got.header.parent_id, "req-late");
+    }
+
+    #[test]
+    fn a_full_module_inbox_holds_the_reader_until_stop() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Arc::new(Outbox::new(crate::outbox::Limits::simple(10, 1 << 20, 10, 10)));
+        let router = Router::new(
+            vec![("m".to_owned(), bus_group::META, tx)],
+            HashMap::from([(bus_group::META, 0)]),
+            Arc::default(),
+            Arc::default(),
+            outbox,
+            Arc::default(),
+        )
+        .with_inbox_capacity(2);
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let msg = || m("resource", "edgecontroller", "insert", "");
+        router.dispatch(msg(), &stop).unwrap();
+        router.dispatch(msg(), &stop).unwrap();
+        let blocked = std::thread::scope(|scope| {
+            let third = scope.spawn(|| router.dispatch(msg(), &stop));
+            std::thread::sleep(Duration::from_millis(20));
+            let waiting = !third.is_finished();
+            drop(stop_tx);
+            (waiting, third.join().unwrap().is_err())
+        });
+        assert_eq!(blocked, (true, true), "the third waits for room, then stops");
+        assert_eq!(rx.len(), 2, "never more than the capacity");
+    }
+
+    #[test]
     fn pending_is_bounded() {
         let p = Pending::default();
         let keep: Vec<_> =

@@ -193,3 +193,34 @@ pub(crate) fn thread_name(name: &str) -> String {
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// A bounded channel allocated and touched every slot of an inbox at start (about 250 bytes
+    /// each): a million-message inbox would cost about 240 MB before any message came.
+    #[test]
+    fn an_inbox_costs_nothing_until_messages_come() {
+        let outbox = Arc::new(Outbox::new(crate::outbox::Limits::simple(10, 1 << 20, 10, 10)));
+        let hub = Hub::new(outbox, Arc::default(), Arc::default(), Arc::default());
+        let before = vm_rss_kib();
+        let spec = ModuleSpec::new("roomy", &["meta"], |ctx| ctx.inbox.iter().for_each(drop));
+        let (module, inbox) = Module::spawn(spec, 1_000_000, hub).unwrap();
+        let grown = vm_rss_kib().saturating_sub(before);
+        drop(inbox);
+        module.join();
+        assert!(grown < 50 << 10, "spawning a module grew VmRSS by {grown} KiB");
+    }
+}
