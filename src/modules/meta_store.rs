@@ -1027,6 +1027,22 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
+    #[test]
+    fn an_unbounded_change_feed_holds_at_most_its_cap_and_counts_the_rest() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut feed = ChangeFeed { tx: Some(tx), cap: 2, dropped_in_batch: 0 };
+        let counters = Counters::default();
+        let msg = Message::with_text(Route::default(), "change");
+        for _ in 0..3 {
+            feed.publish(&msg, &counters);
+        }
+        assert_eq!(rx.len(), 2);
+        assert_eq!(counters.changes_dropped.load(AtomicOrdering::Relaxed), 1);
+        rx.recv().unwrap();
+        feed.publish(&msg, &counters);
+        assert_eq!(rx.len(), 2, "room again once one was read");
+    }
+
     /// A folder removed when the test ends.
     struct Scratch(PathBuf);
 
