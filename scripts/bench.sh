@@ -10,7 +10,7 @@
 #   durable         cloud→edge at max through the real resource store (fsync, then ACK)
 # Each load scenario runs BENCH_SECS (20) seconds, idle BENCH_IDLE_SECS (60); about 5 minutes in
 # all after the build. The bench raises messageQPS/messageBurst (see edgehub-bench's bench_config
-# line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync'
+# line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync|idle'
 #
 # Compare mode (issue 14): scripts/bench.sh compare BEFORE AFTER [scenario-name-filter]
 # runs each chosen scenario BENCH_RUNS (3) times with each of two builds, before and after back to
@@ -89,7 +89,14 @@ stop_sim() {
   sim_pid=""
 }
 
-wanted() { [ -z "$only" ] || [[ "$1" == *$only* ]]; }
+# The filter may list several substrings separated by '|': 'sync|idle'.
+wanted() {
+  [ -z "$only" ] && return 0
+  local part
+  IFS='|' read -ra parts <<<"$only"
+  for part in "${parts[@]}"; do [[ "$1" == *"$part"* ]] && return 0; done
+  return 1
+}
 
 # In compare mode, runs a scenario BENCH_RUNS times with each build, before then after.
 compare_pairs() {
