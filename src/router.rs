@@ -10,10 +10,10 @@
 use crate::message::{group, operation, Message};
 use crate::outbox::Outbox;
 use crate::status::Status;
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Groups on the edge's side (protocol §1.5): what modules register for.
 pub mod bus_group {
@@ -69,66 +69,24 @@ pub fn destination(msg: &Message) -> Destination {
 /// own entry when it gives up, so no timer is left behind per request.
 #[derive(Debug, Default)]
 pub struct Pending {
-    waiters: Mutex<HashMap<String, Arc<ResponseSlot>>>,
-}
-
-/// Where one response is left for its requester: a mutex and a condition variable instead of a
-/// channel, because a channel's blocking receive spins and yields the CPU several times before it
-/// sleeps, which cost more than the hand-off itself on a busy core (issue 14, request/response).
-#[derive(Debug, Default)]
-struct ResponseSlot {
-    response: Mutex<Option<Message>>,
-    arrived: Condvar,
-}
-
-/// The requester's end of a registered request: [`ResponseWaiter::wait`] for the response.
-#[derive(Debug)]
-pub struct ResponseWaiter {
-    slot: Arc<ResponseSlot>,
-}
-
-impl ResponseWaiter {
-    /// The response, once it arrived; `None` when `timeout` passed first.
-    pub fn wait(&self, timeout: Duration) -> Option<Message> {
-        let deadline = Instant::now() + timeout;
-        let mut response =
-            self.slot.response.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        loop {
-            if let Some(msg) = response.take() {
-                return Some(msg);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            response = match self.slot.arrived.wait_timeout(response, left) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
-        }
-    }
-
-    /// The response if it has arrived, without waiting.
-    pub fn try_take(&self) -> Option<Message> {
-        self.slot.response.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
-    }
+    waiters: Mutex<HashMap<String, Sender<Message>>>,
 }
 
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ResponseSlot>>> {
-        // A map of response slots: a panic elsewhere cannot leave it half-updated.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sender<Message>>> {
+        // A map of channel ends: a panic elsewhere cannot leave it half-updated.
         self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a waiter for the response to `request_id`. `None` when too many are waiting.
-    pub fn register(&self, request_id: &str) -> Option<ResponseWaiter> {
+    pub fn register(&self, request_id: &str) -> Option<Receiver<Message>> {
         let mut waiters = self.lock();
         if waiters.len() >= MAX_PENDING_REQUESTS {
             return None;
         }
-        let slot = Arc::new(ResponseSlot::default());
-        waiters.insert(request_id.to_owned(), slot.clone());
-        Some(ResponseWaiter { slot })
+        let (tx, rx) = bounded(1);
+        waiters.insert(request_id.to_owned(), tx);
+        Some(rx)
     }
 
     /// Forgets a waiter (it timed out or its request could not be queued).
@@ -142,12 +100,7 @@ impl Pending {
     pub fn deliver(&self, response: Message) -> Result<(), Box<Message>> {
         let waiter = self.lock().remove(&response.header.parent_id);
         match waiter {
-            Some(slot) => {
-                *slot.response.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                    Some(response);
-                slot.arrived.notify_one();
-                Ok(())
-            }
+            Some(tx) => tx.try_send(response).map_err(|e| Box::new(e.into_inner())),
             None => Err(Box::new(response)),
         }
     }
@@ -443,26 +396,11 @@ mod tests {
         let rx = p.register("req-1").unwrap();
         let resp = m("resource", "edgecontroller", "response", "req-1");
         p.deliver(resp.clone()).unwrap();
-        assert_eq!(rx.try_take().unwrap(), resp);
+        assert_eq!(rx.try_recv().unwrap(), resp);
         assert!(p.deliver(resp).is_err(), "second response to the same request is an orphan");
         let _rx2 = p.register("req-2").unwrap();
         p.cancel("req-2");
         assert!(p.is_empty());
-    }
-
-    #[test]
-    fn a_response_waits_in_its_slot_until_taken_and_a_wait_times_out_without_one() {
-        let p = Pending::default();
-        let early = p.register("req-early").unwrap();
-        p.deliver(m("resource", "edgecontroller", "response", "req-early")).unwrap();
-        assert!(early.wait(Duration::ZERO).is_some(), "delivered before the wait");
-        let late = p.register("req-late").unwrap();
-        assert!(late.wait(Duration::from_millis(5)).is_none());
-        let p = Arc::new(p);
-        let waiter = std::thread::spawn(move || late.wait(Duration::from_secs(30)));
-        p.deliver(m("resource", "edgecontroller", "response", "req-late")).unwrap();
-        let got = waiter.join().unwrap().expect("woken by the response");
-        assert_eq!(got.header.parent_id, "req-late");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::message::Message;
 use crate::outbox::{Outbox, Rejected};
 use crate::router::{Pending, Redeliveries};
 use crate::status::Status;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -83,9 +83,9 @@ impl Hub {
             self.pending.cancel(&id);
             return Err(ErrorKind::Full.msg(rejected.to_string()));
         }
-        match response_rx.wait(timeout) {
-            Some(response) => Ok(response),
-            None => {
+        match response_rx.recv_timeout(timeout) {
+            Ok(response) => Ok(response),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
                 self.pending.cancel(&id);
                 Err(ErrorKind::Timeout
                     .msg(format!("no response to request {id} within {timeout:?}")))
