@@ -13,11 +13,32 @@
 #                   DeviceTwin (store, result, edge_updated) to the cloud (device binary)
 # Each load scenario runs BENCH_SECS (20) seconds, idle BENCH_IDLE_SECS (60); about 5 minutes in
 # all after the build. The bench raises messageQPS/messageBurst (see edgehub-bench's bench_config
-# line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync'
+# line). Usage: scripts/bench.sh [scenario-name-filter]   e.g. scripts/bench.sh 'sync|idle'
+#
+# Compare mode (issue 14): scripts/bench.sh compare BEFORE AFTER [scenario-name-filter]
+# runs each chosen scenario BENCH_RUNS (3) times with each of two builds, before and after back to
+# back (so both see the same load on the host), against this tree's simulator, and prints one line
+# per scenario: the median of the paired after/before ratios of CPU per message, and medians of
+# CPU µs per message or request (whole process, and the agent's threads without the bench's own),
+# rate, p50 latency, the after/before ratio and the load average. BEFORE and AFTER are folders
+# holding release builds of `edgehub-bench` (and `edgehub`, for idle), or paths of edgehub-bench
+# binaries (idle then uses the `edgehub` beside each). Results stay in bench-results/.
+#   e.g. scripts/bench.sh compare before-bin target/release 'edge→cloud 10k'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${BENCH_SECS:-20}
 idle_secs=${BENCH_IDLE_SECS:-60}
+mode=table
+if [ "${1:-}" = compare ]; then
+  mode=compare
+  [ $# -ge 3 ] || { echo "usage: scripts/bench.sh compare BEFORE AFTER [scenario-name-filter]" >&2; exit 2; }
+  side_dir() { if [ -d "$1" ]; then (cd "$1" && pwd); else (cd "$(dirname "$1")" && pwd); fi; }
+  side_bench() { if [ -d "$1" ]; then echo "$(side_dir "$1")/edgehub-bench"; else echo "$(side_dir "$1")/$(basename "$1")"; fi; }
+  before_bench=$(side_bench "$2") before_device=$(side_dir "$2")/edgehub
+  after_bench=$(side_bench "$3") after_device=$(side_dir "$3")/edgehub
+  for f in "$before_bench" "$after_bench"; do [ -x "$f" ] || { echo "bench: no binary $f" >&2; exit 2; }; done
+  shift 3
+fi
 only=${1:-}
 
 bash scripts/setup.sh
@@ -28,6 +49,8 @@ cp target/release/edgehub "$work/edgehub-device"
 cargo build --release --quiet --features cloudsim --bin edgehub-cloudsim --bin edgehub-bench \
   --bin edgehub-mqtt-load
 bin=target/release
+bench_bin=$bin/edgehub-bench
+device_bin=$work/edgehub-device
 
 mkdir -p bench-results
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
@@ -70,17 +93,41 @@ stop_sim() {
   sim_pid=""
 }
 
-wanted() { [ -z "$only" ] || [[ "$1" == *$only* ]]; }
+# The filter may list several substrings separated by '|': 'sync|idle'.
+wanted() {
+  [ -z "$only" ] && return 0
+  local part
+  IFS='|' read -ra parts <<<"$only"
+  for part in "${parts[@]}"; do [[ "$1" == *"$part"* ]] && return 0; done
+  return 1
+}
+
+# In compare mode, runs a scenario BENCH_RUNS times with each build, before then after.
+compare_pairs() {
+  for round in $(seq "${BENCH_RUNS:-3}"); do
+    for side in before after; do
+      echo "bench: compare round $round, $side" >&2
+      results=bench-results/$stamp-$side.jsonl
+      if [ "$side" = before ]; then bench_bin=$before_bench device_bin=$before_device; else bench_bin=$after_bench device_bin=$after_device; fi
+      "$@"
+    done
+  done
+}
 
 # run_load NAME KIND OFFERED "SIM FLAGS" "BENCH FLAGS"
 run_load() {
+  if [ "$mode" = compare ] && [ -z "${in_pair:-}" ]; then
+    wanted "$1" || return 0
+    in_pair=1 compare_pairs run_load "$@"
+    return 0
+  fi
   local name=$1 kind=$2 offered=$3 sim_flags=$4 bench_flags=$5
   wanted "$name" || return 0
   echo "bench: $name ($secs s)" >&2
   # shellcheck disable=SC2086 # the flag lists are meant to split
   start_sim $sim_flags
   # shellcheck disable=SC2086
-  "$bin/edgehub-bench" --server "$addr" --ca "$pki/ca.crt" --cert "$pki/client.crt" \
+  "$bench_bin" --server "$addr" --ca "$pki/ca.crt" --cert "$pki/client.crt" \
     --key "$pki/client.key" --duration "$secs" --label "$name" $bench_flags >"$work/bench.out" ||
     { echo "bench: $name failed"; cat "$work/bench.out"; }
   stop_sim
@@ -96,6 +143,10 @@ run_load() {
 
 run_idle() {
   wanted "idle" || return 0
+  if [ "$mode" = compare ] && [ -z "${in_pair:-}" ]; then
+    in_pair=1 compare_pairs run_idle
+    return 0
+  fi
   echo "bench: idle ($idle_secs s)" >&2
   start_sim
   cat >"$work/config.json" <<JSON
@@ -103,7 +154,7 @@ run_idle() {
  "localApiSocket": "$work/edgehub.sock",
  "tlsCaFile": "$pki/ca.crt", "tlsCertFile": "$pki/client.crt", "tlsPrivateKeyFile": "$pki/client.key"}
 JSON
-  "$work/edgehub-device" run --config "$work/config.json" 2>"$work/agent.log" &
+  "$device_bin" run --config "$work/config.json" 2>"$work/agent.log" &
   agent_pid=$!
   for _ in $(seq 100); do grep -q '"event":"connected"' "$work/sim.out" && break; sleep 0.1; done
   grep -q '"event":"connected"' "$work/sim.out" || { echo "bench: agent did not connect"; cat "$work/agent.log"; exit 1; }
@@ -112,10 +163,12 @@ JSON
   sleep "$idle_secs"
   cpu1=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
   field() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$agent_pid/$2"; }
-  printf '{"scenario":"idle %s s","kind":"idle","idle":{"idle_s":%s,"cpu_s":%s,"vmrss_kb":%s,"vmhwm_kb":%s,"rss_anon_kb":%s,"pss_kb":%s,"threads":%s}}\n' \
-    "$idle_secs" "$idle_secs" "$(awk -v a="$cpu0" -v b="$cpu1" -v t="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f", (b-a)/t}')" \
+  printf '{"scenario":"idle %s s","kind":"idle","loadavg":"%s","idle":{"idle_s":%s,"cpu_s":%s,"vmrss_kb":%s,"vmhwm_kb":%s,"rss_anon_kb":%s,"pss_kb":%s,"uss_kb":%s,"threads":%s}}\n' \
+    "$idle_secs" "$(cut -d' ' -f1 /proc/loadavg)" "$idle_secs" "$(awk -v a="$cpu0" -v b="$cpu1" -v t="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f", (b-a)/t}')" \
     "$(field VmRSS status)" "$(field VmHWM status)" "$(field RssAnon status)" \
-    "$(field Pss smaps_rollup)" "$(field Threads status)" >>"$results"
+    "$(field Pss smaps_rollup)" \
+    "$(awk '$1 == "Private_Clean:" || $1 == "Private_Dirty:" {kb += $2} END {print kb + 0}' "/proc/$agent_pid/smaps_rollup")" \
+    "$(field Threads status)" >>"$results"
   cp "/proc/$agent_pid/smaps_rollup" "bench-results/$stamp-idle-smaps_rollup.txt"
   kill "$agent_pid"
   wait "$agent_pid" || true
@@ -213,6 +266,7 @@ sys.exit(0 if s.get("mqtt", {}).get("received", 0) >= int(sys.argv[1]) and s["ou
 }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+run_scenarios() {
 run_idle
 run_load "edge→cloud 1k" e2c 1000 "--send-rate 0" "--rate 1000"
 run_load "edge→cloud 10k" e2c 10000 "--send-rate 0" "--rate 10000"
@@ -226,6 +280,20 @@ run_load "cloud→edge max ack" c2e max "--send-rate -1 $ack" "--rate 0"
 run_load "sync c1" sync "1 in flight" "--send-rate 0" "--sync --concurrency 1"
 run_load "sync c16" sync "16 in flight" "--send-rate 0" "--sync --concurrency 16"
 run_load "durable store ingest" durable max "--send-rate -1 $ack" "--durable"
+}
+
+if [ "$mode" = compare ]; then
+  all_results=$results
+  run_scenarios
+  rm -f "$all_results"
+  echo "# before $before_bench, after $after_bench" | tee "bench-results/$stamp-compare.txt"
+  "$bin/edgehub-bench" compare "bench-results/$stamp-before.jsonl" "bench-results/$stamp-after.jsonl" |
+    tee -a "bench-results/$stamp-compare.txt"
+  echo "bench: wrote bench-results/$stamp-{before,after}.jsonl, $lines and $stamp-compare.txt" >&2
+  exit 0
+fi
+run_scenarios
+# The device binary behind mosquitto (not paired in compare mode).
 run_mqtt "mqtt→cloud 1k" 1000
 run_mqtt "mqtt→cloud max" -1
 run_mqtt "twin reports→cloud 1k" 1000 100

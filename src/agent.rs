@@ -94,7 +94,8 @@ impl Agent {
         }
 
         let router =
-            Router::new(inboxes, groups, pending, redeliveries, outbox.clone(), status.clone());
+            Router::new(inboxes, groups, pending, redeliveries, outbox.clone(), status.clone())
+                .with_inbox_capacity(config.module_inbox_capacity);
         // Capacity 1: reconnect requests coalesce (see `session`).
         let (reconnect_tx, reconnect_rx) = bounded::<()>(1);
         let supervisor = Supervisor {

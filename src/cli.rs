@@ -201,9 +201,14 @@ pub fn init_logging(level: log::LevelFilter) {
 /// # Errors
 /// `Io` when the local API socket cannot be bound (another agent runs, say).
 pub fn builtin_modules(config: &Config) -> Result<Vec<ModuleSpec>> {
-    // The store never waits on this: when full, a change event is dropped (and counted).
-    let (changes_tx, changes_rx) = crossbeam_channel::bounded(config.module_inbox_capacity);
-    let (meta, store) = meta_store::spec(config.state_dir.clone(), Some(changes_tx));
+    // The store never waits on this: when full, a change event is dropped (and counted). The
+    // store bounds it (`spec_with_feed_cap`), so the channel allocates only what is queued.
+    let (changes_tx, changes_rx) = crossbeam_channel::unbounded();
+    let (meta, store) = meta_store::spec_with_feed_cap(
+        config.state_dir.clone(),
+        Some(changes_tx),
+        config.module_inbox_capacity,
+    );
     let local_api = local_api::Settings::from_config(config);
     let mut modules =
         vec![meta, node::spec(node::Settings::from_config(config), Some(store.clone()))];

@@ -28,11 +28,10 @@
 use crate::error::Result;
 use crate::message::{now_millis, Message};
 use crate::spool::Spool;
-use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bound of the urgent lane (ACKs and control answers).
@@ -44,6 +43,10 @@ pub const URGENT_MAX_BYTES: usize = 1 << 20;
 const DONE_BATCH: usize = 64;
 /// Written-but-unconfirmed messages at most; the writer then waits for a pong.
 pub const CONFIRM_WINDOW: usize = 1024;
+/// A message is encoded once, for the spool, and that text is kept for the writer while at most
+/// this many messages are queued (the writer keeps up); behind a longer backlog it is dropped and
+/// the writer encodes again, so the copy costs at most this many messages' worth of memory.
+const KEEP_WIRE_QUEUED: usize = 256;
 
 /// Which lane a message travels in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +72,8 @@ pub enum FullPolicy {
 #[derive(Debug)]
 pub struct Taken {
     pub message: Message,
+    /// The message's wire text when the outbox still has it from the spool write.
+    pub wire: Option<String>,
     pub lane: Lane,
     seq: u64,
     enqueued_ms: i64,
@@ -162,15 +167,20 @@ pub struct Outbox {
     state: Mutex<State>,
     /// Changed live by a reload. Lock order: `state` before `limits`, never the reverse.
     limits: Mutex<Limits>,
-    /// Rung (capacity 1, so rings coalesce) whenever something is queued; the writer selects on it.
-    bell_tx: Sender<()>,
-    bell_rx: Receiver<()>,
+    /// Rung whenever something is queued (rings coalesce until the writer takes them); the writer
+    /// waits on `bell_cond`. A flag and a condition variable rather than a channel: a channel's
+    /// blocking select spins and yields the CPU several times before it sleeps, on every message
+    /// of a trickle (issue 14).
+    bell: Mutex<bool>,
+    bell_cond: Condvar,
     pub counters: OutboxCounters,
 }
 
 #[derive(Debug)]
 struct Entry {
     message: Message,
+    /// Wire text kept from the spool write (see `KEEP_WIRE_QUEUED`).
+    wire: Option<String>,
     size: usize,
     seq: u64,
     enqueued_ms: i64,
@@ -252,7 +262,6 @@ impl Outbox {
     }
 
     fn build(limits: Limits, spool: Option<Spool>, recovered: Vec<(u64, i64, Message)>) -> Outbox {
-        let (bell_tx, bell_rx) = bounded(1);
         let next_seq = recovered.last().map_or(0, |(seq, _, _)| seq + 1);
         let outbox = Outbox {
             state: Mutex::new(State {
@@ -271,8 +280,8 @@ impl Outbox {
                 closed: false,
             }),
             limits: Mutex::new(limits),
-            bell_tx,
-            bell_rx,
+            bell: Mutex::new(false),
+            bell_cond: Condvar::new(),
             counters: OutboxCounters::default(),
         };
         {
@@ -313,8 +322,15 @@ impl Outbox {
         self.ring(); // a faster rate may let the writer go now
     }
 
-    fn ring(&self) {
-        let _ = self.bell_tx.try_send(()); // full means already rung
+    /// Wakes the writer (or leaves the ring for its next wait). Also used to wake it when the
+    /// session stops.
+    pub fn ring(&self) {
+        let mut rung = self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !*rung {
+            *rung = true;
+            drop(rung);
+            self.bell_cond.notify_one();
+        }
     }
 
     fn entry(&self, message: Message, seq: u64, enqueued_ms: i64, spooled: bool) -> Entry {
@@ -324,7 +340,15 @@ impl Outbox {
             .iter()
             .any(|pattern| message.route.resource.contains(pattern.as_str()))
             .then(|| (message.route.resource.clone(), message.route.operation.clone()));
-        Entry { size: message.encoded_len_hint(), message, seq, enqueued_ms, spooled, coalesce_key }
+        Entry {
+            size: message.encoded_len_hint(),
+            message,
+            wire: None,
+            seq,
+            enqueued_ms,
+            spooled,
+            coalesce_key,
+        }
     }
 
     /// Puts `entry` in the queue: in place of its older twin if it coalesces, else at the back,
@@ -381,9 +405,36 @@ impl Outbox {
         Ok(state.normal.len() - 1)
     }
 
-    /// The bell the writer waits on when [`Next::Empty`].
-    pub fn bell(&self) -> &Receiver<()> {
-        &self.bell_rx
+    /// Waits until the bell rings (something was queued, the window has room, the session stops)
+    /// or `timeout` passes (`None`: no limit), and takes the ring. Returns whether it rang.
+    pub fn wait_bell(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut rung = self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while !*rung {
+            rung = match deadline {
+                None => self.bell_cond.wait(rung).unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    match self.bell_cond.wait_timeout(rung, left) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    }
+                }
+            };
+        }
+        *rung = false;
+        true
+    }
+
+    /// Takes a ring without waiting. Returns whether the bell had rung.
+    pub fn take_ring(&self) -> bool {
+        std::mem::replace(
+            &mut *self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            false,
+        )
     }
 
     /// Queues a message in the normal lane (and in the spool, before returning).
@@ -408,10 +459,15 @@ impl Outbox {
         state.next_seq += 1;
         let State { spool, normal, .. } = &mut *state;
         if let Some(spool) = spool.as_mut() {
+            let keep_wire = normal.len() <= KEEP_WIRE_QUEUED;
             let entry = &mut normal[index];
-            entry.spooled = spool.put(entry.seq, entry.enqueued_ms, &entry.message);
+            let wire = entry.message.encode();
+            entry.spooled = spool.put_encoded(entry.seq, entry.enqueued_ms, &wire);
             if !entry.spooled {
                 self.counters.spool_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            if keep_wire {
+                entry.wire = Some(wire);
             }
         }
         drop(state);
@@ -464,6 +520,7 @@ impl Outbox {
             state.urgent_bytes -= message.encoded_len_hint();
             return Next::Ready(Taken {
                 message,
+                wire: None,
                 lane: Lane::Urgent,
                 seq: 0,
                 enqueued_ms: 0,
@@ -513,6 +570,7 @@ impl Outbox {
         match state.pop_front() {
             Some(e) => Next::Ready(Taken {
                 message: e.message,
+                wire: e.wire,
                 lane: Lane::Normal,
                 seq: e.seq,
                 enqueued_ms: e.enqueued_ms,
@@ -532,6 +590,7 @@ impl Outbox {
             size: taken.message.encoded_len_hint(),
             coalesce_key: None,
             message: taken.message,
+            wire: None, // no longer needed once written
             seq: taken.seq,
             enqueued_ms: taken.enqueued_ms,
             spooled: taken.spooled,
@@ -613,6 +672,7 @@ impl Outbox {
                     size: taken.message.encoded_len_hint(),
                     coalesce_key: None, // a newer twin, if any, is already queued behind it
                     message: taken.message,
+                    wire: taken.wire,
                     seq: taken.seq,
                     enqueued_ms: taken.enqueued_ms,
                     spooled: taken.spooled,
@@ -794,8 +854,8 @@ mod tests {
         let o = Outbox::new(limits(10));
         o.push(msg(0)).unwrap();
         o.push(msg(1)).unwrap();
-        assert!(o.bell().try_recv().is_ok());
-        assert!(o.bell().try_recv().is_err());
+        assert!(o.take_ring());
+        assert!(!o.take_ring());
     }
 
     #[test]
@@ -893,10 +953,10 @@ mod tests {
             let t = take(&o);
             o.written(t, cursor);
         }
-        while o.bell().try_recv().is_ok() {}
+        o.take_ring();
         assert!(matches!(o.next(Instant::now()), Next::WindowFull));
         o.confirm(10);
-        assert!(o.bell().try_recv().is_ok(), "room in the window wakes the writer");
+        assert!(o.take_ring(), "room in the window wakes the writer");
         assert!(matches!(o.next(Instant::now()), Next::Ready(_)));
     }
 
@@ -923,6 +983,41 @@ mod tests {
         o.push(msg(1)).unwrap();
         assert_eq!(drain(&o), ["default/x/1"]);
         assert_eq!(o.counters.expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_spooled_message_reaches_the_writer_encoded_once_and_a_backlog_is_encoded_again() {
+        let dir = temp_dir("wire");
+        let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };
+        let o = Outbox::open(limits(KEEP_WIRE_QUEUED + 10), &options).unwrap();
+        for n in 0..KEEP_WIRE_QUEUED + 1 {
+            o.push(msg(n)).unwrap();
+        }
+        let mut kept = 0;
+        while let Next::Ready(t) = o.next(Instant::now()) {
+            if let Some(wire) = &t.wire {
+                assert_eq!(*wire, t.message.encode(), "the spooled text is the wire text");
+                kept += 1;
+            }
+        }
+        assert_eq!(kept, KEEP_WIRE_QUEUED, "text kept only for the first messages of a backlog");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_bell_keeps_a_ring_until_waited_for_and_times_out_otherwise() {
+        let o = Outbox::new(limits(10));
+        assert!(!o.wait_bell(Some(Duration::from_millis(5))), "nothing rang");
+        o.push(msg(1)).unwrap();
+        assert!(o.wait_bell(Some(Duration::ZERO)), "a ring before the wait is not lost");
+        assert!(!o.wait_bell(Some(Duration::from_millis(5))), "a ring is taken once");
+        let o = std::sync::Arc::new(o);
+        let waiter = {
+            let o = o.clone();
+            std::thread::spawn(move || o.wait_bell(None))
+        };
+        o.ring();
+        assert!(waiter.join().unwrap(), "a ring wakes a waiting writer");
     }
 
     #[test]

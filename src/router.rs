@@ -10,9 +10,10 @@
 use crate::message::{group, operation, Message};
 use crate::outbox::Outbox;
 use crate::status::Status;
-use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Groups on the edge's side (protocol §1.5): what modules register for.
 pub mod bus_group {
@@ -331,7 +332,12 @@ pub struct Router {
     redeliveries: Arc<Redeliveries>,
     outbox: Arc<Outbox>,
     status: Arc<Status>,
+    /// Messages a module inbox may hold (see `deliver_to`).
+    inbox_cap: usize,
 }
+
+/// How often a reader waiting for room in a full module inbox looks again.
+const INBOX_FULL_POLL: Duration = Duration::from_millis(1);
 
 impl Router {
     /// `modules`: name, first group and inbox of each module; `groups`: bus group → module index.
@@ -343,7 +349,14 @@ impl Router {
         outbox: Arc<Outbox>,
         status: Arc<Status>,
     ) -> Router {
-        Router { modules, groups, pending, redeliveries, outbox, status }
+        let inbox_cap = crate::config::DEFAULT_MODULE_INBOX_CAP;
+        Router { modules, groups, pending, redeliveries, outbox, status, inbox_cap }
+    }
+
+    /// Sets how many messages a module inbox may hold (`moduleInboxCapacity`).
+    pub fn with_inbox_capacity(mut self, inbox_cap: usize) -> Router {
+        self.inbox_cap = inbox_cap.max(1);
+        self
     }
 
     /// Routes one message from the cloud. Blocks only while a module inbox is full, and returns
@@ -452,28 +465,27 @@ impl Router {
         self.deliver_to(index, msg, stop)
     }
 
+    /// Module inboxes are unbounded channels (`Module::spawn`) bounded here, by their length: only
+    /// the router sends to them. A bounded channel allocates and touches every slot up front,
+    /// 63 KB per module at the default capacity, most of an idle agent's heap (issue 14).
     fn deliver_to(&self, index: usize, msg: Message, stop: &Receiver<()>) -> Result<(), Stopped> {
         let (module, _, inbox) = &self.modules[index];
-        let msg = match inbox.try_send(msg) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Disconnected(msg)) => {
-                log::error!("module {module} has stopped; dropping {msg:?}");
-                Status::bump(&self.status.unroutable);
-                return Ok(());
-            }
-            Err(TrySendError::Full(msg)) => msg,
-        };
-        log::warn!("module {module} inbox full; pausing reads from the cloud until it catches up");
-        select! {
-            send(inbox, msg) -> sent => {
-                if let Err(e) = sent {
-                    log::error!("module {module} has stopped; dropping {:?}", e.into_inner());
-                    Status::bump(&self.status.unroutable);
+        if inbox.len() >= self.inbox_cap {
+            log::warn!(
+                "module {module} inbox full; pausing reads from the cloud until it catches up"
+            );
+            while inbox.len() >= self.inbox_cap {
+                select! {
+                    recv(stop) -> _ => return Err(Stopped),
+                    default(INBOX_FULL_POLL) => {}
                 }
-                Ok(())
             }
-            recv(stop) -> _ => Err(Stopped),
         }
+        if let Err(e) = inbox.send(msg) {
+            log::error!("module {module} has stopped; dropping {:?}", e.into_inner());
+            Status::bump(&self.status.unroutable);
+        }
+        Ok(())
     }
 
     /// Tells every module, once each, that the cloud link came up or went down (protocol §3.3;
@@ -592,6 +604,34 @@ mod tests {
         let _rx2 = p.register("req-2").unwrap();
         p.cancel("req-2");
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_full_module_inbox_holds_the_reader_until_stop() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Arc::new(Outbox::new(crate::outbox::Limits::simple(10, 1 << 20, 10, 10)));
+        let router = Router::new(
+            vec![("m".to_owned(), bus_group::META, tx)],
+            HashMap::from([(bus_group::META, 0)]),
+            Arc::default(),
+            Arc::default(),
+            outbox,
+            Arc::default(),
+        )
+        .with_inbox_capacity(2);
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let msg = || m("resource", "edgecontroller", "insert", "");
+        router.dispatch(msg(), &stop).unwrap();
+        router.dispatch(msg(), &stop).unwrap();
+        let blocked = std::thread::scope(|scope| {
+            let third = scope.spawn(|| router.dispatch(msg(), &stop));
+            std::thread::sleep(Duration::from_millis(20));
+            let waiting = !third.is_finished();
+            drop(stop_tx);
+            (waiting, third.join().unwrap().is_err())
+        });
+        assert_eq!(blocked, (true, true), "the third waits for room, then stops");
+        assert_eq!(rx.len(), 2, "never more than the capacity");
     }
 
     #[test]

@@ -124,6 +124,7 @@ struct Args {
 #[argh(subcommand)]
 enum Command {
     Table(TableArgs),
+    Compare(CompareArgs),
 }
 
 #[derive(FromArgs)]
@@ -136,6 +137,22 @@ struct TableArgs {
     /// the results file (JSON lines)
     #[argh(positional)]
     results: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// Compare two results files of scripts/bench.sh (`bench.sh compare`, issue 14): for each
+/// scenario in both, one line with the medians over its runs of CPU µs per message or request
+/// (whole process, and the agent's threads alone, without the bench's `bench-*` threads),
+/// achieved rate and p50 latency, before → after and the ratio after/before, with the load
+/// average of the runs (other work on the host shares the cores).
+#[argh(subcommand, name = "compare")]
+struct CompareArgs {
+    /// results of the "before" binary (JSON lines)
+    #[argh(positional)]
+    before: PathBuf,
+    /// results of the "after" binary (JSON lines)
+    #[argh(positional)]
+    after: PathBuf,
 }
 
 /// What the bench threads count; the main thread reads it for each line.
@@ -226,6 +243,7 @@ fn main() -> ExitCode {
     );
     let result = match &args.command {
         Some(Command::Table(table)) => print_table(&table.results),
+        Some(Command::Compare(compare)) => print_compare(&compare.before, &compare.after),
         None => run(&args),
     };
     match result {
@@ -827,4 +845,145 @@ fn table_row(row: &Value) -> String {
         int("bench.threads"),
         notes.trim(),
     )
+}
+
+/// The figures of one run that `compare` puts side by side; `None` where the run has none.
+#[derive(Clone, Copy, Default)]
+struct RunFigures {
+    cpu_us_per_unit: Option<f64>,
+    agent_us_per_unit: Option<f64>,
+    rate: Option<f64>,
+    p50_us: Option<f64>,
+    load: Option<f64>,
+    /// Idle runs: anonymous, private (USS) and proportional (PSS) memory, kB.
+    rss_anon_kb: Option<f64>,
+    uss_kb: Option<f64>,
+    pss_kb: Option<f64>,
+}
+
+fn run_figures(row: &Value) -> RunFigures {
+    let at = |path: &str| path.split('.').try_fold(row, |v, key| v.get(key));
+    let num = |path: &str| at(path).and_then(Value::as_f64);
+    let load = at("loadavg").and_then(Value::as_str).and_then(|l| l.parse::<f64>().ok());
+    let kind = at("kind").and_then(Value::as_str).unwrap_or("?");
+    if kind == "idle" {
+        return RunFigures {
+            cpu_us_per_unit: num("idle.cpu_s").map(|s| s * 1e6),
+            load,
+            rss_anon_kb: num("idle.rss_anon_kb"),
+            uss_kb: num("idle.uss_kb"),
+            pss_kb: num("idle.pss_kb"),
+            ..RunFigures::default()
+        };
+    }
+    // One unit: a message the bench sent (e2c), a request answered (sync), a message received.
+    let (units, rate, p50) = match kind {
+        "e2c" => (num("bench.sent"), num("sim.up_bench_rate"), num("sim.up_oneway_p50_us")),
+        "sync" => (num("bench.requests"), num("bench.request_rate"), num("bench.rtt_p50_us")),
+        _ => (num("bench.received"), num("bench.received_rate"), num("bench.oneway_p50_us")),
+    };
+    let units = units.filter(|u| *u > 0.0);
+    let cpu = num("bench.cpu_s");
+    let bench_threads: f64 = at("bench.cpu_by_thread")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter().filter(|(k, _)| k.starts_with("bench-")).filter_map(|(_, v)| v.as_f64()).sum()
+        })
+        .unwrap_or(0.0);
+    RunFigures {
+        cpu_us_per_unit: cpu.zip(units).map(|(c, u)| c * 1e6 / u),
+        agent_us_per_unit: cpu.zip(units).map(|(c, u)| (c - bench_threads).max(0.0) * 1e6 / u),
+        rate,
+        p50_us: p50,
+        load,
+        ..RunFigures::default()
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.retain(|x| x.is_finite());
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    Some(if xs.len() % 2 == 1 { xs[mid] } else { (xs[mid - 1] + xs[mid]) / 2.0 })
+}
+
+/// Scenario → its runs, in file order of first appearance.
+fn read_runs(path: &std::path::Path) -> Result<Vec<(String, Vec<RunFigures>)>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("read {}: {e}", path.display())))?;
+    let mut out: Vec<(String, Vec<RunFigures>)> = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: Value = serde_json::from_str(line)
+            .map_err(|e| Failure::Usage(format!("{}:{}: {e}", path.display(), n + 1)))?;
+        let scenario = row.get("scenario").and_then(Value::as_str).unwrap_or("?").to_owned();
+        let figures = run_figures(&row);
+        match out.iter_mut().find(|(name, _)| *name == scenario) {
+            Some((_, runs)) => runs.push(figures),
+            None => out.push((scenario, vec![figures])),
+        }
+    }
+    Ok(out)
+}
+
+/// Prints one line per scenario found in both files (see [`CompareArgs`]).
+fn print_compare(before: &std::path::Path, after: &std::path::Path) -> Result<(), Failure> {
+    let before = read_runs(before)?;
+    let after = read_runs(after)?;
+    for (scenario, runs_b) in &before {
+        let Some((_, runs_a)) = after.iter().find(|(name, _)| name == scenario) else { continue };
+        let med = |runs: &[RunFigures], f: fn(&RunFigures) -> Option<f64>| {
+            median(runs.iter().filter_map(f).collect())
+        };
+        let pair = |label: &str, unit: &str, f: fn(&RunFigures) -> Option<f64>| match (
+            med(runs_b, f),
+            med(runs_a, f),
+        ) {
+            (Some(b), Some(a)) if b > 0.0 => {
+                format!("{label} {b:.1} → {a:.1}{unit} (×{:.2})", a / b)
+            }
+            (Some(b), Some(a)) => format!("{label} {b:.1} → {a:.1}{unit}"),
+            _ => String::new(),
+        };
+        let parts = if scenario.starts_with("idle") {
+            vec![
+                pair("CPU µs", "", |r| r.cpu_us_per_unit),
+                pair("RssAnon", " kB", |r| r.rss_anon_kb),
+                pair("USS", " kB", |r| r.uss_kb),
+                pair("PSS", " kB", |r| r.pss_kb),
+            ]
+        } else {
+            vec![
+                pair("CPU/unit", " µs", |r| r.cpu_us_per_unit),
+                pair("agent threads", " µs", |r| r.agent_us_per_unit),
+                pair("rate", "/s", |r| r.rate),
+                pair("p50", " µs", |r| r.p50_us),
+            ]
+        };
+        // Runs are paired in file order (bench.sh runs before, then after, back to back): the
+        // median of the pairs' ratios is steadier than the ratio of medians on a busy host.
+        let paired: Vec<f64> = runs_b
+            .iter()
+            .zip(runs_a)
+            .filter_map(|(b, a)| b.cpu_us_per_unit.zip(a.cpu_us_per_unit))
+            .filter(|(b, _)| *b > 0.0)
+            .map(|(b, a)| a / b)
+            .collect();
+        let mut parts = parts;
+        if let Some(ratio) = median(paired) {
+            parts.insert(0, format!("CPU after/before ×{ratio:.2} (median of paired runs)"));
+        }
+        let parts: Vec<String> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+        println!(
+            "compare {scenario}: {}; median of {}/{} runs, load {:.1}/{:.1}",
+            parts.join("; "),
+            runs_b.len(),
+            runs_a.len(),
+            med(runs_b, |r| r.load).unwrap_or(f64::NAN),
+            med(runs_a, |r| r.load).unwrap_or(f64::NAN),
+        );
+    }
+    Ok(())
 }

@@ -89,6 +89,17 @@ pub const CRASH_HOOK_ENV: &str = "EDGEHUB_TEST_CRASH_AFTER_DURABLE_WRITE";
 /// applied cloud message is also offered to `changes` (never blocking: when it is full the
 /// message is counted in [`StoreStats::changes_dropped`] and logged).
 pub fn spec(state_dir: PathBuf, changes: Option<Sender<Message>>) -> (ModuleSpec, MetaHandle) {
+    spec_with_feed_cap(state_dir, changes, crate::config::DEFAULT_MODULE_INBOX_CAP)
+}
+
+/// [`spec`] for a `changes` channel that may be unbounded: the feed then holds at most `feed_cap`
+/// unread changes (a bounded channel keeps its own capacity). An unbounded channel allocates as
+/// changes come instead of every slot up front (63 KB at the default capacity, issue 14).
+pub fn spec_with_feed_cap(
+    state_dir: PathBuf,
+    changes: Option<Sender<Message>>,
+    feed_cap: usize,
+) -> (ModuleSpec, MetaHandle) {
     let store = Store::new(state_dir.join(STORE_DIR));
     let (jobs_tx, jobs_rx) = bounded(STORE_JOB_CAP);
     let handle =
@@ -97,7 +108,7 @@ pub fn spec(state_dir: PathBuf, changes: Option<Sender<Message>>) -> (ModuleSpec
     let crash_hook = std::env::var_os(CRASH_HOOK_ENV).is_some();
     #[cfg(not(feature = "cloudsim"))]
     let crash_hook = false;
-    let feed = ChangeFeed { tx: changes, dropped_in_batch: 0 };
+    let feed = ChangeFeed { tx: changes, cap: feed_cap.max(1), dropped_in_batch: 0 };
     let spec = ModuleSpec::new("meta", &[bus_group::META], move |ctx| {
         run(store, ctx, jobs_rx, feed, crash_hook)
     });
@@ -231,13 +242,24 @@ fn log_outcome(msg: &Message, outcome: &Outcome) {
 /// Where applied messages go for local subscribers. Never blocks the store thread.
 struct ChangeFeed {
     tx: Option<Sender<Message>>,
+    /// Most unread changes when `tx` is unbounded.
+    cap: usize,
     dropped_in_batch: u32,
 }
 
 impl ChangeFeed {
     fn publish(&mut self, msg: &Message, counters: &Counters) {
         let Some(tx) = &self.tx else { return };
-        match tx.try_send(msg.clone()) {
+        let full = tx.capacity().is_none() && tx.len() >= self.cap;
+        let sent = if full {
+            Err(TrySendError::Full(()))
+        } else {
+            tx.try_send(msg.clone()).map_err(|e| match e {
+                TrySendError::Full(_) => TrySendError::Full(()),
+                TrySendError::Disconnected(_) => TrySendError::Disconnected(()),
+            })
+        };
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped_in_batch += 1;
@@ -1042,6 +1064,22 @@ mod tests {
     use crate::message::{json_content, Route};
     use std::os::unix::fs::MetadataExt;
     use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
+    #[test]
+    fn an_unbounded_change_feed_holds_at_most_its_cap_and_counts_the_rest() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut feed = ChangeFeed { tx: Some(tx), cap: 2, dropped_in_batch: 0 };
+        let counters = Counters::default();
+        let msg = Message::with_text(Route::default(), "change");
+        for _ in 0..3 {
+            feed.publish(&msg, &counters);
+        }
+        assert_eq!(rx.len(), 2);
+        assert_eq!(counters.changes_dropped.load(AtomicOrdering::Relaxed), 1);
+        rx.recv().unwrap();
+        feed.publish(&msg, &counters);
+        assert_eq!(rx.len(), 2, "room again once one was read");
+    }
 
     /// A folder removed when the test ends.
     struct Scratch(PathBuf);

@@ -16,7 +16,7 @@ use crate::message::Message;
 use crate::outbox::{Outbox, Rejected};
 use crate::router::{Pending, Redeliveries};
 use crate::status::Status;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -217,8 +217,9 @@ pub struct Module {
 }
 
 impl Module {
-    /// Starts `spec` on a thread named `eh-<name>` with an inbox of `inbox_cap` messages.
-    /// Returns the handle and the inbox's sender, which only the router should keep.
+    /// Starts `spec` on a thread named `eh-<name>` with an inbox for `inbox_cap` messages.
+    /// Returns the handle and the inbox's sender, which only the router should keep: the router
+    /// keeps the inbox within `inbox_cap` (`Router::with_inbox_capacity`).
     ///
     /// # Errors
     /// `Io` when the thread cannot be spawned.
@@ -227,7 +228,10 @@ impl Module {
         inbox_cap: usize,
         hub: Hub,
     ) -> Result<(Module, Sender<Message>)> {
-        let (inbox_tx, inbox_rx) = bounded(inbox_cap);
+        // Unbounded as a channel, bounded by the router (`Router::with_inbox_capacity`), which
+        // only then allocates slots as messages come, instead of all of them up front.
+        let _ = inbox_cap;
+        let (inbox_tx, inbox_rx) = unbounded();
         let ModuleSpec { name, groups, body } = spec;
         let context = ModuleContext { name: name.clone(), inbox: inbox_rx, hub };
         let thread = std::thread::Builder::new()
@@ -255,4 +259,35 @@ pub(crate) fn thread_name(name: &str) -> String {
         n.pop();
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// A bounded channel allocated and touched every slot of an inbox at start (about 250 bytes
+    /// each): a million-message inbox would cost about 240 MB before any message came.
+    #[test]
+    fn an_inbox_costs_nothing_until_messages_come() {
+        let outbox = Arc::new(Outbox::new(crate::outbox::Limits::simple(10, 1 << 20, 10, 10)));
+        let hub = Hub::new(outbox, Arc::default(), Arc::default(), Arc::default());
+        let before = vm_rss_kib();
+        let spec = ModuleSpec::new("roomy", &["meta"], |ctx| ctx.inbox.iter().for_each(drop));
+        let (module, inbox) = Module::spawn(spec, 1_000_000, hub).unwrap();
+        let grown = vm_rss_kib().saturating_sub(before);
+        drop(inbox);
+        module.join();
+        assert!(grown < 50 << 10, "spawning a module grew VmRSS by {grown} KiB");
+    }
 }
