@@ -309,8 +309,16 @@ fn a_label_added_to_the_config_reaches_a_node_that_registered_earlier() {
     let agent = start_agent(&cloud, |c| {
         c.labels.insert("zone".into(), "b".into());
     });
-    let labelled = wait_node_object(&cloud, "labels");
-    assert_eq!(labelled["metadata"]["labels"]["zone"], "b");
+    // The first agent may have sent its label update again (a reconnect) before it stopped:
+    // wait for the update that carries the new label.
+    let labelled = cloud.wait_for("node object labels with zone", |e| match e {
+        SimEvent::NodeObject { action, object, .. }
+            if action == "labels" && object["metadata"]["labels"]["zone"] == "b" =>
+        {
+            Some(object.clone())
+        }
+        _ => None,
+    });
     assert_eq!(labelled["metadata"]["labels"]["site"], "lab");
     assert_eq!(labelled["metadata"]["labels"]["node-role.kubernetes.io/edge"], "");
     agent.stop();
