@@ -517,6 +517,14 @@ impl OpenWrt {
             o("log_level", "debug"),
             o("log_target", "stderr"),
             o("local_api_socket", path_str(&d.join("run/eh.sock"))),
+            o("local_api_idle_timeout", "30"),
+            o("node_ip", "192.0.2.7"),
+            o("pods_capacity", "0"),
+            o("device_topic_id_segments", "2"),
+            o("mqtt_server", "tcp://127.0.0.1:1883"),
+            o("mqtt_qos", "1"),
+            o("mqtt_username", "gw"),
+            o("mqtt_password", "s3cret"),
             "list coalesce_resources '/nodestatus/'".to_owned(),
             "list coalesce_resources 'pod status'".to_owned(),
         ]
@@ -562,6 +570,16 @@ fn openwrt_every_uci_option_lists_included_becomes_json_that_check_config_accept
             "reconnectJitter": 2,
             "logLevel": "debug",
             "localApiSocket": path_str(&d.join("run/eh.sock")),
+            "localApiIdleTimeout": 30,
+            "nodeIP": "192.0.2.7",
+            "podsCapacity": 0,
+            "deviceTopicIdSegments": 2,
+            "eventBus": {
+                "mqttServerExternal": "tcp://127.0.0.1:1883",
+                "mqttQOS": 1,
+                "mqttUsername": "gw",
+                "mqttPassword": "s3cret",
+            },
             "coalesceResources": ["/nodestatus/", "pod status"],
         })
     );
