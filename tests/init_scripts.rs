@@ -975,6 +975,21 @@ struct RunningAgent {
 }
 
 impl RunningAgent {
+    /// `edgehub run` with `config` written to `work`/config.json, its stderr to a log file.
+    fn spawn(work: &TempDir, config: &Value) -> RunningAgent {
+        let config_path = work.path().join("config.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let log = work.path().join("stderr.log");
+        let child = Command::new(EDGEHUB)
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        RunningAgent { child, log }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -1000,7 +1015,6 @@ fn run_retries_a_failed_join_at_start_until_the_cloud_answers_without_a_restart(
     let token_source = CertServer::start(CertServerConfig::from_pki(&cloud.pki)).unwrap();
     let token = token_source.token().unwrap(); // same CA and key, so valid on the later server
     drop(token_source);
-    let config_path = work.path().join("config.json");
     let config = json!({
         "nodeName": NODE,
         "websocket": {"server": cloud.sim.addr().to_string()},
@@ -1016,16 +1030,7 @@ fn run_retries_a_failed_join_at_start_until_the_cloud_answers_without_a_restart(
         // first attempts fail as for the first ~40 s of a boot, in less than a second each.
         "joinRetryMax": 0.2,
     });
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let log = work.path().join("stderr.log");
-    let child = Command::new(EDGEHUB)
-        .arg("run")
-        .arg("-c")
-        .arg(&config_path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut agent = RunningAgent { child, log };
+    let mut agent = RunningAgent::spawn(&work, &config);
 
     wait_until("three failed join attempts", || agent.log().contains("join attempt 3 failed"));
     assert!(agent.child.try_wait().unwrap().is_none(), "still running:\n{}", agent.log());
@@ -1054,7 +1059,6 @@ fn run_stopped_while_a_join_is_pending_exits_cleanly() {
         .unwrap();
         source.token().unwrap()
     };
-    let config_path = work.path().join("config.json");
     let config = json!({
         "nodeName": NODE,
         "websocket": {"server": "127.0.0.1:1"},
@@ -1067,16 +1071,7 @@ fn run_stopped_while_a_join_is_pending_exits_cleanly() {
         "localApiSocket": work.path().join("eh.sock"),
         "joinRetryMax": 30,
     });
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let log = work.path().join("stderr.log");
-    let child = Command::new(EDGEHUB)
-        .arg("run")
-        .arg("-c")
-        .arg(&config_path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut agent = RunningAgent { child, log };
+    let mut agent = RunningAgent::spawn(&work, &config);
     wait_until("a failed join attempt", || agent.log().contains("join attempt 1 failed"));
     let pid = agent.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
