@@ -9,9 +9,9 @@ use super::model::Device;
 use super::rules::{Devices, StoreChange};
 use crate::error::{ErrorKind, Result};
 use crate::modules::meta_store;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Folder under the state dir that holds the devices.
@@ -43,10 +43,7 @@ impl DeviceStore {
     /// `Io` when the folder cannot be made or listed.
     pub fn open(state_dir: &Path) -> Result<(DeviceStore, Devices)> {
         let dir = state_dir.join(STORE_DIR);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&dir)
+        crate::dirs::create_durable(&dir, DIR_MODE)
             .map_err(|e| ErrorKind::Io.msg(format!("create {}", dir.display())).src(e))?;
         let entries = fs::read_dir(&dir)
             .map_err(|e| ErrorKind::Io.msg(format!("list {}", dir.display())).src(e))?;
