@@ -12,6 +12,7 @@ use super::model::{
     TypeMetadata, TYPE_DELETED, TYPE_STRING,
 };
 use super::topics::{self, Request};
+use crate::logging::shown;
 use crate::message::{group, new_uuid, operation, text_content, Message, Route};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -692,15 +693,19 @@ struct DeviceState<'a> {
 fn state_update(devices: &Devices, id: &str, payload: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
     let Ok(report) = serde_json::from_slice::<StateReport>(payload) else {
-        log::warn!("twin: unreadable state/update payload for device {id}; ignored");
+        log::warn!("twin: unreadable state/update payload for device {}; ignored", shown(id));
         return effects;
     };
     if !STATES.contains(&report.state.to_ascii_lowercase().as_str()) {
-        log::warn!("twin: device {id} reported unknown state {:?}; ignored", report.state);
+        log::warn!(
+            "twin: device {} reported unknown state {:?}; ignored",
+            shown(id),
+            shown(&report.state)
+        );
         return effects;
     }
     let Some(stored) = devices.get(id) else {
-        log::warn!("twin: state/update for unknown device {id}; ignored");
+        log::warn!("twin: state/update for unknown device {}; ignored", shown(id));
         return effects;
     };
     let mut device = stored.clone();
@@ -973,13 +978,13 @@ struct AttributesUpdated<'a> {
 fn attributes_update(devices: &Devices, id: &str, content: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
     let Some(stored) = devices.get(id) else {
-        log::warn!("twin: attribute update for unknown device {id}; ignored");
+        log::warn!("twin: attribute update for unknown device {}; ignored", shown(id));
         return effects;
     };
     let update: AttributesUpdate = match serde_json::from_slice(content) {
         Ok(u) => u,
         Err(e) => {
-            log::warn!("twin: unreadable attribute update for device {id}: {e}; ignored");
+            log::warn!("twin: unreadable attribute update for device {}: {e}; ignored", shown(id));
             return effects;
         }
     };

@@ -8,6 +8,7 @@
 use super::model::Device;
 use super::rules::{Devices, StoreChange};
 use crate::error::{ErrorKind, Result};
+use crate::logging::shown;
 use crate::modules::meta_store;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -180,11 +181,6 @@ pub fn file_name(id: &str) -> Option<String> {
     }
     name.push_str(FILE_SUFFIX);
     (name.len() <= MAX_FILE_NAME_BYTES).then_some(name)
-}
-
-/// An ID for a log line, cut short (a hostile ID can be long).
-fn shown(id: &str) -> String {
-    id.chars().take(100).collect()
 }
 
 #[cfg(test)]
