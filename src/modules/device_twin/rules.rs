@@ -14,6 +14,7 @@ use super::model::{
 use super::topics::{self, Request};
 use crate::logging::shown;
 use crate::message::{group, new_uuid, operation, text_content, Message, Route};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -780,12 +781,10 @@ struct MembershipUpdated<'a> {
 
 fn membership_update(devices: &Devices, node: &str, content: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
-    let update: MembershipUpdate = match serde_json::from_slice(content) {
-        Ok(u) => u,
-        Err(e) => {
-            log::warn!("twin: unreadable membership update from the cloud: {e}; ignored");
-            return effects;
-        }
+    let Some(update) =
+        parse_or_warn::<MembershipUpdate>(content, "membership update from the cloud")
+    else {
+        return effects;
     };
     let mut working = devices.clone();
     for device in update.added_devices.into_iter().flatten() {
@@ -806,12 +805,8 @@ struct Detail {
 /// A detail result lists every device of the node: the listed are added, the others removed.
 fn membership_detail(devices: &Devices, node: &str, content: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
-    let detail: Detail = match serde_json::from_slice(content) {
-        Ok(d) => d,
-        Err(e) => {
-            log::warn!("twin: unreadable membership detail from the cloud: {e}; ignored");
-            return effects;
-        }
+    let Some(detail) = parse_or_warn::<Detail>(content, "membership detail from the cloud") else {
+        return effects;
     };
     let listed = detail.devices.unwrap_or_default();
     let mut working = devices.clone();
@@ -827,6 +822,13 @@ fn membership_detail(devices: &Devices, node: &str, content: &[u8], now: i64) ->
         remove_device(&mut working, &mut effects, node, device, now);
     }
     effects
+}
+
+/// `content` read as a `T`, or `None` after a warning that the `what` was unreadable and ignored.
+fn parse_or_warn<T: DeserializeOwned>(content: &[u8], what: impl std::fmt::Display) -> Option<T> {
+    serde_json::from_slice(content)
+        .map_err(|e| log::warn!("twin: unreadable {what}: {e}; ignored"))
+        .ok()
 }
 
 /// A stored device in the membership message shape.
@@ -981,12 +983,11 @@ fn attributes_update(devices: &Devices, id: &str, content: &[u8], now: i64) -> E
         log::warn!("twin: attribute update for unknown device {}; ignored", shown(id));
         return effects;
     };
-    let update: AttributesUpdate = match serde_json::from_slice(content) {
-        Ok(u) => u,
-        Err(e) => {
-            log::warn!("twin: unreadable attribute update for device {}: {e}; ignored", shown(id));
-            return effects;
-        }
+    let Some(update) = parse_or_warn::<AttributesUpdate>(
+        content,
+        format_args!("attribute update for device {}", shown(id)),
+    ) else {
+        return effects;
     };
     let mut device = stored.clone();
     let changed = apply_attributes(&mut device, update.attributes.as_ref());
