@@ -1024,7 +1024,9 @@ fn touch(touched: &mut BTreeSet<PathBuf>, path: &Path) {
     }
 }
 
-fn write_temp(temp: &Path, bytes: &[u8]) -> io::Result<File> {
+/// Writes `bytes` to `temp` (mode 0600, truncated), unsynced; the caller fsyncs and renames it.
+/// The twin store uses it too.
+pub(crate) fn write_temp(temp: &Path, bytes: &[u8]) -> io::Result<File> {
     let mut file =
         OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(temp)?;
     file.write_all(bytes)?;
@@ -1049,7 +1051,7 @@ fn read_stamp(path: &Path) -> Result<Option<Stamp>> {
 }
 
 /// Makes the folder's entries (a rename, a new file or folder, a removal) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 

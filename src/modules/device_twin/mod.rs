@@ -23,6 +23,7 @@ pub mod topics;
 mod rules_tests;
 
 use crate::error::Result;
+use crate::logging::shown;
 use crate::message::{
     now_millis, Message, CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_RESOURCE,
 };
@@ -185,7 +186,7 @@ impl Twin {
                 continue;
             };
             if device_object::is_news(&self.devices, &device) {
-                log::info!("twin: applying stored device object {:?}", device.id);
+                log::info!("twin: applying stored device object {:?}", shown(&device.id));
                 let node = self.settings.node_name.clone();
                 let effects = rules::desired_values(&self.devices, &node, device, now_millis());
                 self.execute(hub, mqtt_out, effects);
@@ -347,7 +348,7 @@ impl Twin {
         if let Err(e) = mqtt_out.publish(&p.topic, p.payload) {
             let n = Counters::bump(&self.counters.publishes_dropped);
             if n.is_power_of_two() {
-                log::warn!("twin: publish {}: {e}; dropped ({n} since start)", p.topic);
+                log::warn!("twin: publish {}: {e}; dropped ({n} since start)", shown(&p.topic));
             }
         }
     }

@@ -12,7 +12,9 @@ use super::model::{
     TypeMetadata, TYPE_DELETED, TYPE_STRING,
 };
 use super::topics::{self, Request};
+use crate::logging::shown;
 use crate::message::{group, new_uuid, operation, text_content, Message, Route};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -692,15 +694,19 @@ struct DeviceState<'a> {
 fn state_update(devices: &Devices, id: &str, payload: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
     let Ok(report) = serde_json::from_slice::<StateReport>(payload) else {
-        log::warn!("twin: unreadable state/update payload for device {id}; ignored");
+        log::warn!("twin: unreadable state/update payload for device {}; ignored", shown(id));
         return effects;
     };
     if !STATES.contains(&report.state.to_ascii_lowercase().as_str()) {
-        log::warn!("twin: device {id} reported unknown state {:?}; ignored", report.state);
+        log::warn!(
+            "twin: device {} reported unknown state {:?}; ignored",
+            shown(id),
+            shown(&report.state)
+        );
         return effects;
     }
     let Some(stored) = devices.get(id) else {
-        log::warn!("twin: state/update for unknown device {id}; ignored");
+        log::warn!("twin: state/update for unknown device {}; ignored", shown(id));
         return effects;
     };
     let mut device = stored.clone();
@@ -775,12 +781,10 @@ struct MembershipUpdated<'a> {
 
 fn membership_update(devices: &Devices, node: &str, content: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
-    let update: MembershipUpdate = match serde_json::from_slice(content) {
-        Ok(u) => u,
-        Err(e) => {
-            log::warn!("twin: unreadable membership update from the cloud: {e}; ignored");
-            return effects;
-        }
+    let Some(update) =
+        parse_or_warn::<MembershipUpdate>(content, "membership update from the cloud")
+    else {
+        return effects;
     };
     let mut working = devices.clone();
     for device in update.added_devices.into_iter().flatten() {
@@ -801,12 +805,8 @@ struct Detail {
 /// A detail result lists every device of the node: the listed are added, the others removed.
 fn membership_detail(devices: &Devices, node: &str, content: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
-    let detail: Detail = match serde_json::from_slice(content) {
-        Ok(d) => d,
-        Err(e) => {
-            log::warn!("twin: unreadable membership detail from the cloud: {e}; ignored");
-            return effects;
-        }
+    let Some(detail) = parse_or_warn::<Detail>(content, "membership detail from the cloud") else {
+        return effects;
     };
     let listed = detail.devices.unwrap_or_default();
     let mut working = devices.clone();
@@ -822,6 +822,13 @@ fn membership_detail(devices: &Devices, node: &str, content: &[u8], now: i64) ->
         remove_device(&mut working, &mut effects, node, device, now);
     }
     effects
+}
+
+/// `content` read as a `T`, or `None` after a warning that the `what` was unreadable and ignored.
+fn parse_or_warn<T: DeserializeOwned>(content: &[u8], what: impl std::fmt::Display) -> Option<T> {
+    serde_json::from_slice(content)
+        .map_err(|e| log::warn!("twin: unreadable {what}: {e}; ignored"))
+        .ok()
 }
 
 /// A stored device in the membership message shape.
@@ -973,15 +980,14 @@ struct AttributesUpdated<'a> {
 fn attributes_update(devices: &Devices, id: &str, content: &[u8], now: i64) -> Effects {
     let mut effects = Effects::default();
     let Some(stored) = devices.get(id) else {
-        log::warn!("twin: attribute update for unknown device {id}; ignored");
+        log::warn!("twin: attribute update for unknown device {}; ignored", shown(id));
         return effects;
     };
-    let update: AttributesUpdate = match serde_json::from_slice(content) {
-        Ok(u) => u,
-        Err(e) => {
-            log::warn!("twin: unreadable attribute update for device {id}: {e}; ignored");
-            return effects;
-        }
+    let Some(update) = parse_or_warn::<AttributesUpdate>(
+        content,
+        format_args!("attribute update for device {}", shown(id)),
+    ) else {
+        return effects;
     };
     let mut device = stored.clone();
     let changed = apply_attributes(&mut device, update.attributes.as_ref());

@@ -8,10 +8,10 @@
 use super::model::Device;
 use super::rules::{Devices, StoreChange};
 use crate::error::{ErrorKind, Result};
+use crate::logging::shown;
 use crate::modules::meta_store;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Folder under the state dir that holds the devices.
@@ -26,7 +26,6 @@ const SYNC_HELPER_NAME: &str = "eh-twin-sync";
 const MAX_FILE_NAME_BYTES: usize = 255;
 /// Most devices kept: a hostile cloud or mapper cannot fill the disk with devices.
 pub const MAX_DEVICES: usize = 10_000;
-const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 
 /// The store's folder; all writes go through one thread (the twin module).
@@ -43,10 +42,7 @@ impl DeviceStore {
     /// `Io` when the folder cannot be made or listed.
     pub fn open(state_dir: &Path) -> Result<(DeviceStore, Devices)> {
         let dir = state_dir.join(STORE_DIR);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&dir)
+        crate::dirs::create_durable(&dir, DIR_MODE)
             .map_err(|e| ErrorKind::Io.msg(format!("create {}", dir.display())).src(e))?;
         let entries = fs::read_dir(&dir)
             .map_err(|e| ErrorKind::Io.msg(format!("list {}", dir.display())).src(e))?;
@@ -117,7 +113,7 @@ impl DeviceStore {
             // Cannot fail: a struct of strings and maps with string keys.
             let bytes = serde_json::to_vec(device).unwrap_or_default();
             let temp = self.dir.join(format!("{TEMP_PREFIX}{n}"));
-            let file = write_unsynced(&temp, &bytes)
+            let file = meta_store::write_temp(&temp, &bytes)
                 .map_err(|e| ErrorKind::Io.msg(format!("write {}", temp.display())).src(e))?;
             temps.push(Some((temp, path, file)));
         }
@@ -148,8 +144,7 @@ impl DeviceStore {
                 (StoreChange::Put(_), None) => {} // cannot happen: every put was staged above
             }
         }
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
+        meta_store::sync_dir(&self.dir)
             .map_err(|e| ErrorKind::Io.msg(format!("fsync {}", self.dir.display())).src(e))
     }
 
@@ -158,13 +153,6 @@ impl DeviceStore {
             ErrorKind::Io.msg(format!("device id {:?} is empty or too long to store", shown(id)))
         })
     }
-}
-
-fn write_unsynced(path: &Path, bytes: &[u8]) -> io::Result<File> {
-    let mut file =
-        OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(path)?;
-    file.write_all(bytes)?;
-    Ok(file)
 }
 
 /// The file name of a device: every byte outside `[A-Za-z0-9_-]` percent-encoded (so `/`, `.`
@@ -183,11 +171,6 @@ pub fn file_name(id: &str) -> Option<String> {
     }
     name.push_str(FILE_SUFFIX);
     (name.len() <= MAX_FILE_NAME_BYTES).then_some(name)
-}
-
-/// An ID for a log line, cut short (a hostile ID can be long).
-fn shown(id: &str) -> String {
-    id.chars().take(100).collect()
 }
 
 #[cfg(test)]
