@@ -382,18 +382,6 @@ fn control_answer_to_a_huge_resource_is_bounded_and_still_matches() {
 /// RSS is per machine as much as per process: the measurements run one at a time.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// `VmRSS` of process `pid` in KiB (0 once it has gone).
-fn rss_kib_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// `edgehub run` with a config for `server` at edgecore's default timing, and a thread that
 /// samples its RSS every 10 ms.
 struct Binary {
