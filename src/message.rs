@@ -391,8 +391,9 @@ pub fn new_uuid() -> String {
     b[8..].copy_from_slice(&lo.to_be_bytes());
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-                                 // One allocation and a table lookup per nibble: `format!` per byte was 16 allocations and a
-                                 // tenth of the sending thread's CPU at 10k messages/s (scripts/bench.sh, issue 14).
+
+    // One allocation and a table lookup per nibble: `format!` per byte was 16 allocations and a
+    // tenth of the sending thread's CPU at 10k messages/s (scripts/bench.sh, issue 14).
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(36);
     for (i, x) in b.iter().enumerate() {

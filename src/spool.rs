@@ -70,7 +70,8 @@ pub struct Spool {
     failing: bool,
     /// One past the highest seq ever put: names a segment started only to hold done records.
     next_seq: u64,
-    /// A put's record is encoded here (kept unless it grew past `KEPT_RECORD_BUF_BYTES`).
+    /// A put's record, or a batch of done records, is encoded here (kept unless it grew past
+    /// `KEPT_RECORD_BUF_BYTES`).
     record_buf: Vec<u8>,
 }
 
@@ -365,7 +366,9 @@ impl Spool {
         if seqs.is_empty() {
             return;
         }
-        let mut batch = Vec::with_capacity(seqs.len() * (HEADER_BYTES + FIXED_BODY_BYTES));
+        // Into the buffer puts use too: no allocation per batch.
+        let mut batch = std::mem::take(&mut self.record_buf);
+        batch.reserve(seqs.len() * (HEADER_BYTES + FIXED_BODY_BYTES));
         for &seq in seqs {
             encode_record_into(&mut batch, KIND_DONE, seq, 0, &[]);
         }
@@ -378,6 +381,10 @@ impl Spool {
             if let Err(e) = self.append(&batch) {
                 self.report(e);
             }
+        }
+        if batch.capacity() <= KEPT_RECORD_BUF_BYTES {
+            batch.clear();
+            self.record_buf = batch;
         }
         let current = self.segments.keys().next_back().copied();
         for &seq in seqs {

@@ -99,6 +99,18 @@ fn config_with_handshake_timeout(cloud: &Cloud, server: SocketAddr, secs: u64) -
     config
 }
 
+/// Dials `server` with handshakeTimeout 2 s: the dial must fail with a timeout, by 12 s (slack
+/// for a busy or emulated machine).
+fn dial_ends_by_a_2_s_handshake_timeout(cloud: &Cloud, server: &Server) {
+    let config = config_with_handshake_timeout(cloud, server.addr, 2);
+    let tls = link::tls_connector(&config).unwrap();
+    let started = Instant::now();
+    let err = link::connect(&config, &tls).unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(took < Duration::from_secs(12), "the dial took {took:?} with handshakeTimeout 2 s");
+}
+
 /// Issue 11 item 6: a server that trickles a TLS record one byte a second held the handshake
 /// for as long as it trickled, since each byte renewed a per-read timeout. The dial must end by
 /// `handshakeTimeout` (2 s here; slack for a busy or emulated machine).
@@ -119,13 +131,7 @@ fn tls_handshake_trickled_a_byte_a_second_ends_by_the_handshake_timeout() {
             idle(stopping, Duration::from_secs(1));
         }
     });
-    let config = config_with_handshake_timeout(&cloud, server.addr, 2);
-    let tls = link::tls_connector(&config).unwrap();
-    let started = Instant::now();
-    let err = link::connect(&config, &tls).unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
-    assert!(took < Duration::from_secs(12), "the dial took {took:?} with handshakeTimeout 2 s");
+    dial_ends_by_a_2_s_handshake_timeout(&cloud, &server);
 }
 
 /// Issue 11 item 6: the same for the WebSocket upgrade: TLS completes, then the HTTP answer
@@ -149,13 +155,7 @@ fn websocket_upgrade_trickled_a_byte_a_second_ends_by_the_handshake_timeout() {
             idle(stopping, Duration::from_secs(1));
         }
     });
-    let config = config_with_handshake_timeout(&cloud, server.addr, 2);
-    let tls = link::tls_connector(&config).unwrap();
-    let started = Instant::now();
-    let err = link::connect(&config, &tls).unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
-    assert!(took < Duration::from_secs(12), "the dial took {took:?} with handshakeTimeout 2 s");
+    dial_ends_by_a_2_s_handshake_timeout(&cloud, &server);
 }
 
 /// Issue 11 item 6: a server that accepts TCP and says nothing (a load balancer with its backend
@@ -381,18 +381,6 @@ fn control_answer_to_a_huge_resource_is_bounded_and_still_matches() {
 
 /// RSS is per machine as much as per process: the measurements run one at a time.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// `VmRSS` of process `pid` in KiB (0 once it has gone).
-fn rss_kib_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 /// `edgehub run` with a config for `server` at edgecore's default timing, and a thread that
 /// samples its RSS every 10 ms.

@@ -17,7 +17,7 @@
 //! write and queries; it never touches the link.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::logging::shown as shown_text;
+use crate::logging::shown;
 use crate::message::{group, operation, Message, Route, CONNECTION_RESOURCE};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
 use crate::router::bus_group;
@@ -163,7 +163,7 @@ fn take_batch(first: Message, inbox: &Receiver<Message>) -> Vec<Message> {
         if msg.route.resource == CONNECTION_RESOURCE {
             log::debug!(
                 "meta: connection event {:?}",
-                shown_text(&msg.content_text().unwrap_or_default())
+                shown(&msg.content_text().unwrap_or_default())
             );
         } else {
             bytes += msg.encoded_len_hint();
@@ -228,9 +228,9 @@ fn log_outcome(msg: &Message, outcome: &Outcome) {
         Outcome::NotStored => log::debug!("meta: not storing collection {msg:?}"),
         Outcome::Ignored(why) => log::debug!("meta: ignoring {msg:?}: {why}"),
         Outcome::Refused(why) => log::warn!(
-            "meta: refusing {} {} {}: {why}",
-            shown_text(&msg.route.group),
-            shown_text(&msg.route.operation),
+            "meta: refusing {} {} {:?}: {why}",
+            shown(&msg.route.group),
+            shown(&msg.route.operation),
             shown(&msg.route.resource)
         ),
         // Not ACKed but released: the cloud's next re-send is applied again, by which time the
@@ -496,12 +496,12 @@ impl MetaHandle {
             Ok(Key::Object { kind, .. }) => kind,
             Ok(Key::Collection { .. }) => {
                 return Err(ErrorKind::Config.msg(format!(
-                    "query {}: name one object, <namespace>/<type>/<name>",
+                    "query {:?}: name one object, <namespace>/<type>/<name>",
                     shown(resource)
                 )))
             }
             Err(why) => {
-                return Err(ErrorKind::Config.msg(format!("query {}: {why}", shown(resource))))
+                return Err(ErrorKind::Config.msg(format!("query {:?}: {why}", shown(resource))))
             }
         };
         if is_cloud_owned(kind) && hub.is_connected() {
@@ -509,7 +509,7 @@ impl MetaHandle {
                 Ok(object) => return Ok(Some(object)),
                 Err(e) if e.kind() == ErrorKind::Protocol => return Err(e),
                 Err(e) => log::warn!(
-                    "meta: query for {} got no answer from the cloud ({e}); answering from the store",
+                    "meta: query for {:?} got no answer from the cloud ({e}); answering from the store",
                     shown(resource)
                 ),
             }
@@ -525,7 +525,7 @@ impl MetaHandle {
     pub fn read(&self, resource: &str) -> Result<Option<StoredObject>> {
         let Ok(Key::Object { namespace, kind, name }) = parse_key(resource) else {
             return Err(ErrorKind::Config
-                .msg(format!("read {}: not a <namespace>/<type>/<name> key", shown(resource))));
+                .msg(format!("read {:?}: not a <namespace>/<type>/<name> key", shown(resource))));
         };
         let path = self.root.join(namespace).join(kind).join(format!("{name}{FILE_SUFFIX}"));
         let bytes = match fs::read(&path) {
@@ -590,7 +590,7 @@ impl MetaHandle {
         if response.route.operation == operation::ERROR {
             let text = response.content_text().unwrap_or_else(|| response.content.get().to_owned());
             return Err(ErrorKind::Protocol.msg(format!(
-                "the cloud answered query for {} with an error: {text}",
+                "the cloud answered query for {:?} with an error: {text}",
                 shown(resource)
             )));
         }
@@ -604,23 +604,23 @@ impl MetaHandle {
             Ok(()) => match reply_rx.recv_timeout(LOCAL_REPLY_TIMEOUT) {
                 Ok(outcome) if outcome.is_applied() => {}
                 Ok(Outcome::Ignored(why)) => {
-                    log::debug!("meta: answer to query for {} not stored: {why}", shown(resource))
+                    log::debug!("meta: answer to query for {:?} not stored: {why}", shown(resource))
                 }
                 Ok(outcome) => log::warn!(
-                    "meta: answer to query for {} not stored: {outcome:?}",
+                    "meta: answer to query for {:?} not stored: {outcome:?}",
                     shown(resource)
                 ),
                 Err(_) => log::warn!(
-                    "meta: store did not confirm the answer to query for {} within {LOCAL_REPLY_TIMEOUT:?}",
+                    "meta: store did not confirm the answer to query for {:?} within {LOCAL_REPLY_TIMEOUT:?}",
                     shown(resource)
                 ),
             },
             Err(SendTimeoutError::Timeout(_)) => log::warn!(
-                "meta: store busy for {LOCAL_REPLY_TIMEOUT:?}; answer to query for {} not stored",
+                "meta: store busy for {LOCAL_REPLY_TIMEOUT:?}; answer to query for {:?} not stored",
                 shown(resource)
             ),
             Err(SendTimeoutError::Disconnected(_)) => log::warn!(
-                "meta: store stopped; answer to query for {} not stored",
+                "meta: store stopped; answer to query for {:?} not stored",
                 shown(resource)
             ),
         }
@@ -769,7 +769,7 @@ impl Store {
         let route = &msg.route;
         if route.group != group::RESOURCE && route.group != group::FUNC {
             return (
-                Outcome::Refused(format!("group {:?} is not stored", shown_text(&route.group))),
+                Outcome::Refused(format!("group {:?} is not stored", shown(&route.group))),
                 None,
             );
         }
@@ -783,7 +783,7 @@ impl Store {
             operation::DELETE => true,
             other => {
                 return (
-                    Outcome::Refused(format!("operation {:?} is not handled", shown_text(other))),
+                    Outcome::Refused(format!("operation {:?} is not handled", shown(other))),
                     None,
                 )
             }
@@ -797,7 +797,7 @@ impl Store {
         if !rv.is_empty() && rv.parse::<u64>().is_err() {
             log::warn!(
                 "meta: resourceversion {:?} is not a number; treating {msg:?} as newest",
-                shown_text(rv)
+                shown(rv)
             );
         }
         let path = self.root.join(namespace).join(kind).join(format!("{name}{FILE_SUFFIX}"));
@@ -1055,11 +1055,6 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
-/// The resource for a log line or error: quoted, escaped and cut short (`logging::shown`).
-fn shown(resource: &str) -> String {
-    format!("{:?}", shown_text(resource))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1315,10 +1310,12 @@ mod tests {
 
     #[test]
     fn long_resources_are_cut_in_logs() {
-        assert_eq!(shown("default/pod/p"), "\"default/pod/p\"");
+        assert_eq!(format!("{:?}", shown("default/pod/p")), "\"default/pod/p\"");
         let long = "é".repeat(crate::logging::MAX_SHOWN_CHARS + 1);
-        assert!(shown(&long).contains(&format!("…({} bytes)", long.len())));
-        assert!(shown(&long).chars().count() < crate::logging::MAX_SHOWN_CHARS + 20);
+        assert!(format!("{:?}", shown(&long)).contains(&format!("…({} bytes)", long.len())));
+        assert!(
+            format!("{:?}", shown(&long)).chars().count() < crate::logging::MAX_SHOWN_CHARS + 20
+        );
     }
 
     fn stored_names(dir: &Path) -> Vec<String> {

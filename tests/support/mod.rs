@@ -288,7 +288,17 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// This process's resident memory, in KiB (0 if /proc cannot be read).
 pub fn vm_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_in("/proc/self/status")
+}
+
+/// `VmRSS` of process `pid` in KiB (0 once it has gone).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    rss_kib_in(&format!("/proc/{pid}/status"))
+}
+
+/// The `VmRSS` line of a `/proc/<pid>/status` file, in KiB (0 if it cannot be read).
+fn rss_kib_in(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
