@@ -244,23 +244,7 @@ impl Message {
     /// Builds the answer to `self` the way Go's `NewRespByMessage` does: new ID, `parent_msg_id` =
     /// our ID, source, group, resource and type copied, operation `response`.
     pub fn response_to(&self, content: Box<RawValue>) -> Message {
-        Message {
-            header: Header {
-                id: new_uuid(),
-                parent_id: self.header.id.clone(),
-                timestamp: now_millis(),
-                resource_version: String::new(),
-                message_type: self.header.message_type.clone(),
-            },
-            route: Route {
-                source: self.route.source.clone(),
-                destination: String::new(),
-                group: self.route.group.clone(),
-                operation: operation::RESPONSE.to_owned(),
-                resource: self.route.resource.clone(),
-            },
-            content,
-        }
+        self.reply(content, usize::MAX, usize::MAX)
     }
 
     /// The ACK CloudHub expects for an ack-queue message: a response with content `"OK"` (§4.5),
@@ -282,20 +266,26 @@ impl Message {
     /// resource only for its CSI prefix `<ns>/volume/<name>` (§4.2), which the cut keeps; real
     /// KubeEdge fields are far shorter than these limits, so a normal ACK is never changed.
     pub fn bounded_reply(&self, content: Box<RawValue>) -> Message {
+        self.reply(content, MAX_REPLY_FIELD_BYTES, MAX_REPLY_RESOURCE_BYTES)
+    }
+
+    /// A response to this message, its copied fields cut to `field_max` and its resource to
+    /// `resource_max` bytes.
+    fn reply(&self, content: Box<RawValue>, field_max: usize, resource_max: usize) -> Message {
         Message {
             header: Header {
                 id: new_uuid(),
                 parent_id: self.header.id.clone(),
                 timestamp: now_millis(),
                 resource_version: String::new(),
-                message_type: cut(&self.header.message_type, MAX_REPLY_FIELD_BYTES).to_owned(),
+                message_type: cut(&self.header.message_type, field_max).to_owned(),
             },
             route: Route {
-                source: cut(&self.route.source, MAX_REPLY_FIELD_BYTES).to_owned(),
+                source: cut(&self.route.source, field_max).to_owned(),
                 destination: String::new(),
-                group: cut(&self.route.group, MAX_REPLY_FIELD_BYTES).to_owned(),
+                group: cut(&self.route.group, field_max).to_owned(),
                 operation: operation::RESPONSE.to_owned(),
-                resource: cut(&self.route.resource, MAX_REPLY_RESOURCE_BYTES).to_owned(),
+                resource: cut(&self.route.resource, resource_max).to_owned(),
             },
             content,
         }
