@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// `kubeletVersion` reported: KubeEdge's `v<k8s>-kubeedge-<version>` shape, with the versions of
 /// the protocol line edgehub speaks (REF, KubeEdge v1.10 on Kubernetes v1.21.4), so cloud tools
@@ -268,7 +268,7 @@ impl Lifecycle {
 
     /// One `NodeStatusRequest` update (edge-node §1.3), awaited as a request.
     fn report_status(&mut self, hub: &Hub) {
-        let now = unix_secs();
+        let now = node_status::now_secs();
         let problem = state_dir_problem(&self.settings.state_dir);
         let healthy = problem.is_none();
         let since = match self.ready {
@@ -319,7 +319,8 @@ impl Lifecycle {
                     "node: pod {namespace}/{name} was bound to this node, which runs no \
                      containers; reporting it Failed"
                 );
-                let body = pod_failed_status(&self.settings.node, name, uid, unix_secs());
+                let body =
+                    pod_failed_status(&self.settings.node, name, uid, node_status::now_secs());
                 if let Some(content) = raw(&body) {
                     let resource = format!("{namespace}/podstatus/{name}");
                     self.send(hub, Some(edged_message("update", &resource, content)));
@@ -329,11 +330,7 @@ impl Lifecycle {
     }
 
     fn facts(&self) -> HostFacts {
-        let mut facts = HostFacts::read();
-        if let Some((total, available)) = crate::disk::space(&self.settings.state_dir) {
-            facts.state_dir_kib = Some((total / 1024, available / 1024));
-        }
-        facts
+        HostFacts::read_with_state_dir(Some(&self.settings.state_dir))
     }
 
     fn internal_ip(&self, hub: &Hub) -> Option<IpAddr> {
@@ -603,10 +600,6 @@ pub fn pod_failed_status(node: &str, name: &str, uid: &str, now: i64) -> Value {
             }],
         },
     })
-}
-
-fn unix_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
