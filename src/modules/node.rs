@@ -9,8 +9,8 @@
 
 use crate::config::{Config, Taint};
 use crate::message::{
-    json_content, text_content, Message, Route, CLOUD_CONNECTED, CLOUD_DISCONNECTED,
-    CONNECTION_RESOURCE, CONTENT_OK,
+    text_content, Message, Route, CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_RESOURCE,
+    CONTENT_OK,
 };
 use crate::modules::meta_store::MetaHandle;
 use crate::modules::node_status::{self, HostFacts};
@@ -405,9 +405,9 @@ fn edged_message(
 }
 
 fn raw(body: &Value) -> Option<Box<serde_json::value::RawValue>> {
-    match serde_json::to_string(body).map(|text| json_content(&text)) {
-        Ok(Ok(content)) => Some(content),
-        _ => {
+    match serde_json::value::to_raw_value(body) {
+        Ok(content) => Some(content),
+        Err(_) => {
             log::error!("bug: node: encode message body");
             None
         }
