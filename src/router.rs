@@ -45,7 +45,10 @@ pub fn ids_within_bounds(msg: &Message) -> bool {
 pub enum Destination {
     /// viaduct control operation: answered here with `response`/`"ack"` (§2.8).
     Control,
-    /// Carries `parent_msg_id`: goes to the request waiting for it.
+    /// Carries `parent_msg_id` (group `resource`, `func` or `user`). `Router::dispatch` hands a
+    /// reply of any group to its waiting request before consulting this table, so here nobody
+    /// waits: a request that carries a parent still goes to `meta` (§8 W11), anything else is an
+    /// orphan.
     Response,
     /// To the module registered for this bus group.
     Module(&'static str),

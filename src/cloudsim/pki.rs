@@ -75,7 +75,8 @@ impl Pki {
             &ca_cert,
             &ca_key,
             &client_key,
-            node_name,
+            &node_cn(node_name),
+            NODE_ORGANIZATION,
             -NOT_BEFORE_SLACK_SECS,
             VALIDITY_DAYS * DAY_SECS,
         )?;
@@ -98,20 +99,12 @@ impl Pki {
         not_before_days_offset: i64,
         not_after_days_offset: i64,
     ) -> Result<(Vec<u8>, Vec<u8>)> {
-        let ca_cert = X509::from_pem(&self.ca_cert_pem)
-            .map_err(|e| ErrorKind::Tls.msg("parse ca cert").src(e))?;
-        let ca_key = PKey::private_key_from_pem(&self.ca_key_pem)
-            .map_err(|e| ErrorKind::Tls.msg("parse ca key").src(e))?;
-        let key = new_key()?;
-        let cert = build_client(
-            &ca_cert,
-            &ca_key,
-            &key,
-            node_name,
+        self.issue_client_with_subject(
+            &node_cn(node_name),
+            NODE_ORGANIZATION,
             not_before_days_offset * DAY_SECS,
             not_after_days_offset * DAY_SECS,
-        )?;
-        Ok((cert_pem(&cert)?, sec1_pem(&key)?))
+        )
     }
 
     /// Issues a client certificate with the subject edges requested from clouds up to v1.20
@@ -141,17 +134,15 @@ impl Pki {
         let ca_key = PKey::private_key_from_pem(&self.ca_key_pem)
             .map_err(|e| ErrorKind::Tls.msg("parse ca key").src(e))?;
         let key = new_key()?;
-        let subject = [(Nid::COMMONNAME, cn), (Nid::ORGANIZATIONNAME, organization)];
-        let b = base_builder(
-            &subject,
-            ca_cert.subject_name(),
+        let cert = build_client(
+            &ca_cert,
+            &ca_key,
             &key,
+            cn,
+            organization,
             not_before_offset_secs,
             not_after_offset_secs,
         )?;
-        let mut usage = ExtendedKeyUsage::new();
-        usage.client_auth();
-        let cert = finish_leaf(b, &ca_cert, &ca_key, usage, None)?;
         Ok((cert_pem(&cert)?, sec1_pem(&key)?))
     }
 
@@ -352,17 +343,24 @@ fn build_server(ca_cert: &X509Ref, ca_key: &PKey<Private>, key: &PKey<Private>) 
     finish_leaf(b, ca_cert, ca_key, usage, Some(san))
 }
 
+/// The subject CN edgecore puts in its CSR since v1.16 (protocol §0.2), with [`NODE_ORGANIZATION`].
+fn node_cn(node_name: &str) -> String {
+    format!("system:node:{node_name}")
+}
+
+/// The subject organization of a node's client certificate since v1.16.
+const NODE_ORGANIZATION: &str = "system:nodes";
+
 fn build_client(
     ca_cert: &X509Ref,
     ca_key: &PKey<Private>,
     key: &PKey<Private>,
-    node_name: &str,
+    cn: &str,
+    organization: &str,
     not_before_offset_secs: i64,
     not_after_offset_secs: i64,
 ) -> Result<X509> {
-    // The subject edgecore puts in its CSR since v1.16 (protocol §0.2).
-    let cn = format!("system:node:{node_name}");
-    let subject = [(Nid::COMMONNAME, cn.as_str()), (Nid::ORGANIZATIONNAME, "system:nodes")];
+    let subject = [(Nid::COMMONNAME, cn), (Nid::ORGANIZATIONNAME, organization)];
     let b = base_builder(
         &subject,
         ca_cert.subject_name(),

@@ -9,8 +9,8 @@
 
 use crate::config::{Config, Taint};
 use crate::message::{
-    json_content, text_content, Message, Route, CLOUD_CONNECTED, CLOUD_DISCONNECTED,
-    CONNECTION_RESOURCE, CONTENT_OK,
+    text_content, Message, Route, CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_RESOURCE,
+    CONTENT_OK,
 };
 use crate::modules::meta_store::MetaHandle;
 use crate::modules::node_status::{self, HostFacts};
@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// `kubeletVersion` reported: KubeEdge's `v<k8s>-kubeedge-<version>` shape, with the versions of
 /// the protocol line edgehub speaks (REF, KubeEdge v1.10 on Kubernetes v1.21.4), so cloud tools
@@ -268,7 +268,7 @@ impl Lifecycle {
 
     /// One `NodeStatusRequest` update (edge-node §1.3), awaited as a request.
     fn report_status(&mut self, hub: &Hub) {
-        let now = unix_secs();
+        let now = node_status::now_secs();
         let problem = state_dir_problem(&self.settings.state_dir);
         let healthy = problem.is_none();
         let since = match self.ready {
@@ -319,7 +319,8 @@ impl Lifecycle {
                     "node: pod {namespace}/{name} was bound to this node, which runs no \
                      containers; reporting it Failed"
                 );
-                let body = pod_failed_status(&self.settings.node, name, uid, unix_secs());
+                let body =
+                    pod_failed_status(&self.settings.node, name, uid, node_status::now_secs());
                 if let Some(content) = raw(&body) {
                     let resource = format!("{namespace}/podstatus/{name}");
                     self.send(hub, Some(edged_message("update", &resource, content)));
@@ -329,11 +330,7 @@ impl Lifecycle {
     }
 
     fn facts(&self) -> HostFacts {
-        let mut facts = HostFacts::read();
-        if let Some((total, available)) = crate::disk::space(&self.settings.state_dir) {
-            facts.state_dir_kib = Some((total / 1024, available / 1024));
-        }
-        facts
+        HostFacts::read_with_state_dir(Some(&self.settings.state_dir))
     }
 
     fn internal_ip(&self, hub: &Hub) -> Option<IpAddr> {
@@ -408,9 +405,9 @@ fn edged_message(
 }
 
 fn raw(body: &Value) -> Option<Box<serde_json::value::RawValue>> {
-    match serde_json::to_string(body).map(|text| json_content(&text)) {
-        Ok(Ok(content)) => Some(content),
-        _ => {
+    match serde_json::value::to_raw_value(body) {
+        Ok(content) => Some(content),
+        Err(_) => {
             log::error!("bug: node: encode message body");
             None
         }
@@ -603,10 +600,6 @@ pub fn pod_failed_status(node: &str, name: &str, uid: &str, now: i64) -> Value {
             }],
         },
     })
-}
-
-fn unix_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]

@@ -97,11 +97,7 @@ impl Reporter {
     }
 
     fn facts(&self) -> HostFacts {
-        let mut facts = HostFacts::read();
-        if let Some((total, available)) = self.state_dir.as_deref().and_then(crate::disk::space) {
-            facts.state_dir_kib = Some((total / 1024, available / 1024));
-        }
-        facts
+        HostFacts::read_with_state_dir(self.state_dir.as_deref())
     }
 
     /// Queues one report (a newer one replaces an unsent older one in the outbox: node status is
@@ -198,6 +194,15 @@ impl HostFacts {
             mem_available_kib: meminfo_kib(&read_host_file("/proc/meminfo"), "MemAvailable:"),
             state_dir_kib: None,
         }
+    }
+
+    /// [`HostFacts::read`], plus the space of `state_dir`'s filesystem when given and known.
+    pub fn read_with_state_dir(state_dir: Option<&std::path::Path>) -> HostFacts {
+        let mut facts = HostFacts::read();
+        if let Some((total, available)) = state_dir.and_then(crate::disk::space) {
+            facts.state_dir_kib = Some((total / 1024, available / 1024));
+        }
+        facts
     }
 }
 
@@ -365,7 +370,8 @@ fn read_host_file(path: &str) -> String {
     text.trim().to_owned()
 }
 
-fn now_secs() -> i64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 

@@ -388,13 +388,12 @@ fn run(
     }
 }
 
+/// Cuts `text` to at most `max` bytes on a character boundary ([`crate::message::cut`]), marked
+/// with `…` when something was cut.
 fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+    let kept = crate::message::cut(text, max).len();
+    if kept < text.len() {
+        text.truncate(kept);
         text.push('…');
     }
 }
