@@ -1,148 +1,17 @@
-//! The `node_status` module: reports this host up to the cloud the way edged does, as a
-//! `NodeStatusRequest` (`UID`, `Status`, `ExtendResources`; protocol §1.3, example C) sent as an
-//! `edged`/`meta` `update` of `default/nodestatus/<node>`. It reports at once when the link comes
-//! up, then every interval while connected. It owns reading the host facts (/proc, /etc, with a
-//! fallback for every file) and the RFC 3339 clock text; it keeps no history and never uses the
-//! link directly, only [`Hub::send`]. `edgehub run` uses the `node` module instead, which
-//! registers the node first and builds its reports from the host facts read here; this module's
-//! own reporter (status only, no registration) stays for embedders and tests.
+//! The host facts behind the node's status (/proc, /etc and the state directory's filesystem,
+//! with a fallback for every file), the node's stable UID, Kubernetes' architecture names and the
+//! RFC 3339 clock text. The `node` module builds the registration and status reports from them.
 
-use crate::message::{Message, Route, CLOUD_CONNECTED, CONNECTION_RESOURCE};
-use crate::modules::{Hub, ModuleContext, ModuleSpec};
-use crossbeam_channel::{select, tick};
 use serde_json::{json, Value};
 use std::io::Read;
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Shortest report interval: a zero interval would spin the thread.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
-/// Pods a node accepts: the kubelet default, which edged reports too.
-pub const PODS_CAPACITY: &str = "110";
-/// edged's kubelet port, reported in `daemonEndpoints`.
-pub const KUBELET_PORT: u16 = 10350;
 /// Largest host file read; the ones read here are a few KiB at most.
 const MAX_HOST_FILE_BYTES: u64 = 64 << 10;
 /// Namespace of the UUID v5 that becomes the node's `UID` (fixed, so the UID is stable).
 const UID_NAMESPACE: [u8; 16] = [
     0x6a, 0xa8, 0xa0, 0x54, 0x56, 0x76, 0x46, 0x22, 0xa5, 0x58, 0x8a, 0x4a, 0x8e, 0x95, 0x11, 0xaf,
 ];
-
-/// The `node_status` module for `node_name`, reporting every `interval` (at least [`MIN_INTERVAL`]).
-pub fn spec(node_name: String, interval: Duration) -> ModuleSpec {
-    spec_for(node_name, interval, None)
-}
-
-/// The same, also reporting the space left where `state_dir` lives.
-pub fn spec_for(node_name: String, interval: Duration, state_dir: Option<PathBuf>) -> ModuleSpec {
-    ModuleSpec::new("node_status", &[], move |ctx| run(&node_name, interval, state_dir, ctx))
-}
-
-fn run(node: &str, interval: Duration, state_dir: Option<PathBuf>, ctx: ModuleContext) {
-    let reporter = Reporter::new(node, state_dir);
-    let interval = interval.max(MIN_INTERVAL);
-    let ticker = tick(interval);
-    // Between reports the host is sampled six times an interval (a few cheap /proc reads) and a
-    // report goes out early when it changed noticeably (see `HostFacts::change_key`).
-    let sampler = tick((interval / 6).max(MIN_INTERVAL));
-    let mut reported_key = None;
-    let mut refused_streak = false;
-    loop {
-        select! {
-            recv(ctx.inbox) -> msg => match msg {
-                Err(_) => return,
-                Ok(msg) if msg.route.resource == CONNECTION_RESOURCE
-                    && msg.content_text().as_deref() == Some(CLOUD_CONNECTED) =>
-                {
-                    reported_key = Some(reporter.report(&ctx.hub, &mut refused_streak));
-                }
-                Ok(msg) => log::debug!("node_status: ignoring {msg:?}"),
-            },
-            recv(ticker) -> _ => {
-                // A report queued while offline would be stale when sent and would crowd the
-                // outbox; the next connect reports at once instead.
-                if ctx.hub.is_connected() {
-                    reported_key = Some(reporter.report(&ctx.hub, &mut refused_streak));
-                }
-            }
-            recv(sampler) -> _ => {
-                let key = reporter.facts().change_key();
-                if ctx.hub.is_connected() && reported_key.is_some_and(|reported| reported != key) {
-                    log::debug!("node_status: host changed, reporting early");
-                    reported_key = Some(reporter.report(&ctx.hub, &mut refused_streak));
-                }
-            }
-        }
-    }
-}
-
-/// What stays the same for the life of the module.
-struct Reporter {
-    node: String,
-    uid: String,
-    /// When the module started: the Ready condition's `lastTransitionTime`.
-    started_secs: i64,
-    state_dir: Option<PathBuf>,
-}
-
-impl Reporter {
-    fn new(node: &str, state_dir: Option<PathBuf>) -> Reporter {
-        let machine_id = read_host_file("/etc/machine-id");
-        Reporter {
-            node: node.to_owned(),
-            uid: node_uid(&machine_id, node),
-            started_secs: now_secs(),
-            state_dir,
-        }
-    }
-
-    fn facts(&self) -> HostFacts {
-        HostFacts::read_with_state_dir(self.state_dir.as_deref())
-    }
-
-    /// Queues one report (a newer one replaces an unsent older one in the outbox: node status is
-    /// a coalescing kind). A refusal (outbox full) is logged once per run of refusals. Returns
-    /// the change key of what it reported.
-    fn report(&self, hub: &Hub, refused_streak: &mut bool) -> ChangeKey {
-        let facts = self.facts();
-        let key = facts.change_key();
-        let content = status_content(&self.node, &self.uid, &facts, now_secs(), self.started_secs);
-        let content = match serde_json::value::to_raw_value(&content) {
-            Ok(raw) => raw,
-            Err(e) => {
-                log::error!("bug: node_status: encode node status: {e}");
-                return key;
-            }
-        };
-        let route = Route {
-            source: "edged".to_owned(),
-            group: "meta".to_owned(),
-            operation: "update".to_owned(),
-            resource: format!("default/nodestatus/{}", self.node),
-            ..Route::default()
-        };
-        match hub.send(Message::new(route, content)) {
-            Ok(()) => {
-                if *refused_streak {
-                    log::info!("node_status: reports are queued again");
-                }
-                *refused_streak = false;
-            }
-            Err(rejected) => {
-                if !*refused_streak {
-                    log::warn!(
-                        "node_status: dropping reports until the outbox has room: {rejected}"
-                    );
-                }
-                *refused_streak = true;
-            }
-        }
-        key
-    }
-}
-
-/// Coarse buckets of what changes: a report goes out early when one of them moves.
-pub type ChangeKey = (u64, u64, u64);
 
 /// The host, read afresh for each report. Every field has a fallback: a missing file gives an
 /// empty string or 0, never an error.
@@ -160,20 +29,6 @@ pub struct HostFacts {
     pub mem_available_kib: u64,
     /// Size and space available of the state directory's filesystem, when known.
     pub state_dir_kib: Option<(u64, u64)>,
-}
-
-impl HostFacts {
-    /// Memory available in tenths of the total, state-dir space available in twentieths, and the
-    /// 1-minute load rounded: a change in any of them is worth a report before the interval ends.
-    pub fn change_key(&self) -> ChangeKey {
-        let tenths = (self.mem_available_kib * 10).checked_div(self.memory_kib).unwrap_or(0);
-        let twentieths = self
-            .state_dir_kib
-            .and_then(|(total, available)| (available * 20).checked_div(total))
-            .unwrap_or(0);
-        let load = self.load[0].parse::<f64>().map_or(0, |l| l.round() as u64);
-        (tenths, twentieths, load)
-    }
 }
 
 impl HostFacts {
@@ -204,57 +59,6 @@ impl HostFacts {
         }
         facts
     }
-}
-
-/// The `NodeStatusRequest` content. Its keys have no JSON tags in Go, hence the capitals.
-pub fn status_content(
-    node: &str,
-    uid: &str,
-    facts: &HostFacts,
-    now_secs: i64,
-    started_secs: i64,
-) -> Value {
-    let mut resources = json!({
-        "cpu": facts.cpus.to_string(),
-        "memory": format!("{}Ki", facts.memory_kib),
-        "pods": PODS_CAPACITY,
-    });
-    if let Some((total, _)) = facts.state_dir_kib {
-        resources["ephemeral-storage"] = json!(format!("{total}Ki"));
-    }
-    json!({
-        "UID": uid,
-        "Status": {
-            "capacity": resources,
-            "allocatable": resources,
-            "conditions": [{
-                "type": "Ready",
-                "status": "True",
-                "lastHeartbeatTime": rfc3339(now_secs),
-                "lastTransitionTime": rfc3339(started_secs),
-                "reason": "EdgeReady",
-                "message": "edge is posting ready status",
-            }],
-            "addresses": [{"type": "Hostname", "address": node}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
-            "nodeInfo": {
-                "machineID": facts.machine_id,
-                "systemUUID": "",
-                "bootID": facts.boot_id,
-                "kernelVersion": facts.kernel_version,
-                "osImage": facts.os_image,
-                "containerRuntimeVersion": "",
-                "kubeletVersion": concat!("v1.29.0-edgehub-", env!("CARGO_PKG_VERSION")),
-                "kubeProxyVersion": "",
-                "operatingSystem": "linux",
-                "architecture": k8s_arch(std::env::consts::ARCH, cfg!(target_endian = "little")),
-            },
-        },
-        "ExtendResources": null,
-        // Not a field of Go's NodeStatusRequest: CloudHub's decoder ignores it, while anyone
-        // reading the message (dashboards, the simulator's log) sees the host's live state.
-        "HostState": host_state(facts),
-    })
 }
 
 /// The host's live state, sent beside a status request (CloudHub's decoder ignores the key).
@@ -496,66 +300,17 @@ mod tests {
     }
 
     #[test]
-    fn host_state_parsers_and_change_key() {
+    fn host_state_parsers() {
         assert_eq!(first_number("12345.67 54321.00\n"), 12345);
         assert_eq!(first_number(""), 0);
         assert_eq!(load_averages("0.52 0.58 0.59 1/467 12345\n"), ["0.52", "0.58", "0.59"]);
         assert_eq!(load_averages(""), ["0", "0", "0"]);
         assert_eq!(meminfo_kib("MemTotal: 1000 kB\nMemAvailable:  600 kB\n", "MemAvailable:"), 600);
         let mut facts =
-            HostFacts { memory_kib: 1000, mem_available_kib: 600, ..HostFacts::default() };
-        facts.state_dir_kib = Some((2000, 1000));
-        facts.load[0] = "1.4".into();
-        assert_eq!(facts.change_key(), (6, 10, 1));
-        facts.mem_available_kib = 640; // within the same tenth: no early report
-        assert_eq!(facts.change_key(), (6, 10, 1));
-        facts.state_dir_kib = Some((2000, 890)); // disk filling: the twentieth moves
-        assert_ne!(facts.change_key(), (6, 10, 1));
-        let content = status_content("n", "u", &facts, 0, 0);
-        assert_eq!(content["Status"]["capacity"]["ephemeral-storage"], "2000Ki");
-        assert_eq!(content["HostState"]["stateDirAvailableKi"], 890);
-        assert_eq!(content["HostState"]["memAvailableKi"], 640);
-    }
-
-    #[test]
-    fn content_has_the_node_status_request_shape() {
-        let facts = HostFacts {
-            cpus: 4,
-            memory_kib: 8_049_864,
-            machine_id: "m".into(),
-            boot_id: "b".into(),
-            kernel_version: "5.10.0".into(),
-            os_image: "Debian GNU/Linux 11".into(),
-            ..HostFacts::default()
-        };
-        let content = status_content("edge-node-1", "u-1", &facts, 1_644_998_410, 1_644_998_280);
-        let keys: Vec<&String> = content.as_object().unwrap().keys().collect();
-        // Go's NodeStatusRequest keys, plus HostState, which CloudHub's decoder ignores.
-        assert_eq!(keys, ["ExtendResources", "HostState", "Status", "UID"]);
-        assert_eq!(content["UID"], "u-1");
-        assert_eq!(content["ExtendResources"], Value::Null);
-        let status = &content["Status"];
-        let expected = json!({"cpu": "4", "memory": "8049864Ki", "pods": "110"});
-        assert_eq!(status["capacity"], expected);
-        assert_eq!(status["allocatable"], expected);
-        let ready = &status["conditions"][0];
-        assert_eq!(ready["type"], "Ready");
-        assert_eq!(ready["status"], "True");
-        assert_eq!(ready["lastHeartbeatTime"], "2022-02-16T08:00:10Z");
-        assert_eq!(ready["lastTransitionTime"], "2022-02-16T07:58:00Z");
-        assert_eq!(ready["reason"], "EdgeReady");
-        assert_eq!(status["addresses"], json!([{"type": "Hostname", "address": "edge-node-1"}]));
-        assert_eq!(status["daemonEndpoints"]["kubeletEndpoint"]["Port"], 10350);
-        let info = &status["nodeInfo"];
-        assert_eq!(info["machineID"], "m");
-        assert_eq!(info["bootID"], "b");
-        assert_eq!(info["kernelVersion"], "5.10.0");
-        assert_eq!(info["osImage"], "Debian GNU/Linux 11");
-        assert_eq!(info["operatingSystem"], "linux");
-        assert_eq!(
-            info["kubeletVersion"],
-            format!("v1.29.0-edgehub-{}", env!("CARGO_PKG_VERSION"))
-        );
-        assert_eq!(info.as_object().unwrap().len(), 10);
+            HostFacts { memory_kib: 1000, mem_available_kib: 640, ..HostFacts::default() };
+        facts.state_dir_kib = Some((2000, 890));
+        let state = host_state(&facts);
+        assert_eq!(state["stateDirAvailableKi"], 890);
+        assert_eq!(state["memAvailableKi"], 640);
     }
 }
