@@ -8,6 +8,7 @@ use super::codec::{self, DecodeError, IncomingPublish, Packet};
 use super::conn::{self, Conn};
 use super::{filter_matches, is_valid_filter, is_valid_topic, Options, Publish};
 use crate::error::{ErrorKind, Result};
+use crate::logging::shown;
 use crossbeam_channel::{bounded, select, tick, Receiver, SendTimeoutError, Sender, TrySendError};
 use openssl::ssl::SslConnector;
 use serde::Serialize;
@@ -172,7 +173,7 @@ impl Routes {
             .or(self.rest.as_ref());
         let Some(route) = route else {
             let n = bump(&counters.unrouted);
-            log::debug!("mqtt: no consumer for topic {} ({n} so far)", publish.topic);
+            log::debug!("mqtt: no consumer for topic {} ({n} so far)", shown(&publish.topic));
             return;
         };
         let sent = if route.stalled.load(Ordering::Relaxed) {
@@ -191,13 +192,16 @@ impl Routes {
                 if n == 1 || n % LOG_EVERY == 0 {
                     log::warn!(
                         "mqtt: consumer of {} is full; dropped the publish ({n} dropped so far)",
-                        p.topic
+                        shown(&p.topic)
                     );
                 }
             }
             Err(SendTimeoutError::Disconnected(p)) => {
                 let n = bump(&counters.delivery_dropped);
-                log::debug!("mqtt: consumer of {} has stopped; dropped ({n} so far)", p.topic);
+                log::debug!(
+                    "mqtt: consumer of {} has stopped; dropped ({n} so far)",
+                    shown(&p.topic)
+                );
             }
         }
     }
