@@ -364,7 +364,8 @@ impl SubTopics {
 
 fn write_atomically(dir: &Path, name: &str, topics: &[String]) -> Result<()> {
     let io = |doing: &str| ErrorKind::Io.msg(format!("{doing} in {}", dir.display()));
-    fs::create_dir_all(dir).map_err(|e| io("create folder").src(e))?;
+    // New folders get a private mode and a durable entry, as the other stores' folders do.
+    crate::dirs::create_durable(dir, 0o700).map_err(|e| io("create folder").src(e))?;
     let temp = dir.join(format!("{name}.tmp"));
     let bytes = serde_json::to_vec(topics).map_err(|e| io("encode subscriptions").src(e))?;
     let mut file = fs::File::create(&temp).map_err(|e| io("create temp file").src(e))?;
