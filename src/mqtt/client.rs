@@ -703,10 +703,13 @@ fn read_loop(
             skip -= n;
         }
         if skip == 0 {
+            // Decoded packets are cut off the buffer once, after the loop: a drain per packet
+            // would move the rest of a burst again for each one.
+            let mut at = 0;
             loop {
-                match codec::decode(&buf, max_packet) {
+                match codec::decode(&buf[at..], max_packet) {
                     Ok(Some((packet, used))) => {
-                        buf.drain(..used);
+                        at += used;
                         if let Err(e) = handle_packet(conn, shared, routes, packet) {
                             return e;
                         }
@@ -718,8 +721,8 @@ fn read_loop(
                             "mqtt: skipping a {total}-byte packet from the broker, over the \
                              {max_packet}-byte limit ({n} skipped so far)"
                         );
-                        let now = total.min(buf.len());
-                        buf.drain(..now);
+                        let now = total.min(buf.len() - at);
+                        at += now;
                         skip = total - now;
                         break;
                     }
@@ -730,6 +733,7 @@ fn read_loop(
                     }
                 }
             }
+            buf.drain(..at);
         }
         if buf.capacity() > 64 << 10 && buf.len() < 1024 {
             buf.shrink_to(4096); // a big packet passed; do not keep its buffer
