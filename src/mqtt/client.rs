@@ -342,7 +342,8 @@ impl Publisher {
         if size > options.queue_max_bytes {
             bump(&shared.counters.refused);
             return Err(ErrorKind::Full.msg(format!(
-                "mqtt: a publish of {size} bytes to {topic} is over mqttQueueMaxBytes {}",
+                "mqtt: a publish of {size} bytes to {} is over mqttQueueMaxBytes {}",
+                shown(topic),
                 options.queue_max_bytes
             )));
         }
