@@ -7,6 +7,7 @@
 //! `edgehub subscribe bus` sees what it saw before MQTT existed.
 
 use crate::error::{ErrorKind, Result};
+use crate::logging::shown;
 use crate::message::{group, operation, Message, Route};
 use crate::modules::service_bus::{self, ServiceBus};
 use crate::modules::{Hub, ModuleContext, ModuleSpec};
@@ -272,18 +273,24 @@ impl EventBus {
             self.echoes.iter().position(|(t, p)| *t == publish.topic && *p == publish.payload)
         {
             self.echoes.remove(i);
-            log::debug!("eventbus: not uploading the echo of a cloud publish on {}", publish.topic);
+            log::debug!(
+                "eventbus: not uploading the echo of a cloud publish on {}",
+                shown(&publish.topic)
+            );
             return;
         }
         if std::str::from_utf8(&publish.payload).is_err() {
             log::warn!(
                 "eventbus: publish on {} is not UTF-8; invalid bytes replaced before upload",
-                publish.topic
+                shown(&publish.topic)
             );
         }
         let msg = upload_message(&publish);
         if let Err(rejected) = self.hub.send(msg) {
-            log::warn!("eventbus: upload of a publish on {} dropped: {rejected}", publish.topic);
+            log::warn!(
+                "eventbus: upload of a publish on {} dropped: {rejected}",
+                shown(&publish.topic)
+            );
         }
     }
 
@@ -357,7 +364,8 @@ impl SubTopics {
 
 fn write_atomically(dir: &Path, name: &str, topics: &[String]) -> Result<()> {
     let io = |doing: &str| ErrorKind::Io.msg(format!("{doing} in {}", dir.display()));
-    fs::create_dir_all(dir).map_err(|e| io("create folder").src(e))?;
+    // New folders get a private mode and a durable entry, as the other stores' folders do.
+    crate::dirs::create_durable(dir, 0o700).map_err(|e| io("create folder").src(e))?;
     let temp = dir.join(format!("{name}.tmp"));
     let bytes = serde_json::to_vec(topics).map_err(|e| io("encode subscriptions").src(e))?;
     let mut file = fs::File::create(&temp).map_err(|e| io("create temp file").src(e))?;

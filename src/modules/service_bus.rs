@@ -374,45 +374,25 @@ fn canonical_header(name: &str) -> String {
         .join("-")
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding, as Go marshals `[]byte`.
+/// Standard base64 with padding, as Go marshals `[]byte` (OpenSSL's encoder).
 pub fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(BASE64[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    openssl::base64::encode_block(bytes)
 }
 
 /// Decodes standard base64 (padding optional); `None` for anything else.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let text = text.trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let v = BASE64.iter().position(|&b| b == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
+    // OpenSSL wants whole 4-symbol groups, trims outer whitespace and takes '=' inside the
+    // text: refuse those here, as Go does.
+    if text.len() % 4 == 1 || text.contains(|c: char| c == '=' || c.is_ascii_whitespace()) {
+        return None;
     }
-    if bits >= 6 {
-        return None; // a single leftover symbol cannot be a whole byte
+    let mut padded = String::with_capacity(text.len() + 3);
+    padded.push_str(text);
+    while padded.len() % 4 != 0 {
+        padded.push('=');
     }
-    Some(out)
+    openssl::base64::decode_block(&padded).ok()
 }
 
 #[cfg(test)]
@@ -431,6 +411,9 @@ mod tests {
         assert_eq!(base64_decode(&base64_encode(&all)).unwrap(), all);
         assert!(base64_decode("Z").is_none());
         assert!(base64_decode("Zm9v!").is_none());
+        assert!(base64_decode("Zg==Zm9v").is_none());
+        assert!(base64_decode(" Zm9v").is_none());
+        assert_eq!(base64_decode("Zm9vYg").unwrap(), b"foob");
     }
 
     #[test]

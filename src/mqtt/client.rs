@@ -8,6 +8,7 @@ use super::codec::{self, DecodeError, IncomingPublish, Packet};
 use super::conn::{self, Conn};
 use super::{filter_matches, is_valid_filter, is_valid_topic, Options, Publish};
 use crate::error::{ErrorKind, Result};
+use crate::logging::shown;
 use crossbeam_channel::{bounded, select, tick, Receiver, SendTimeoutError, Sender, TrySendError};
 use openssl::ssl::SslConnector;
 use serde::Serialize;
@@ -172,7 +173,7 @@ impl Routes {
             .or(self.rest.as_ref());
         let Some(route) = route else {
             let n = bump(&counters.unrouted);
-            log::debug!("mqtt: no consumer for topic {} ({n} so far)", publish.topic);
+            log::debug!("mqtt: no consumer for topic {} ({n} so far)", shown(&publish.topic));
             return;
         };
         let sent = if route.stalled.load(Ordering::Relaxed) {
@@ -191,13 +192,16 @@ impl Routes {
                 if n == 1 || n % LOG_EVERY == 0 {
                     log::warn!(
                         "mqtt: consumer of {} is full; dropped the publish ({n} dropped so far)",
-                        p.topic
+                        shown(&p.topic)
                     );
                 }
             }
             Err(SendTimeoutError::Disconnected(p)) => {
                 let n = bump(&counters.delivery_dropped);
-                log::debug!("mqtt: consumer of {} has stopped; dropped ({n} so far)", p.topic);
+                log::debug!(
+                    "mqtt: consumer of {} has stopped; dropped ({n} so far)",
+                    shown(&p.topic)
+                );
             }
         }
     }
@@ -338,7 +342,8 @@ impl Publisher {
         if size > options.queue_max_bytes {
             bump(&shared.counters.refused);
             return Err(ErrorKind::Full.msg(format!(
-                "mqtt: a publish of {size} bytes to {topic} is over mqttQueueMaxBytes {}",
+                "mqtt: a publish of {size} bytes to {} is over mqttQueueMaxBytes {}",
+                shown(topic),
                 options.queue_max_bytes
             )));
         }
@@ -699,10 +704,13 @@ fn read_loop(
             skip -= n;
         }
         if skip == 0 {
+            // Decoded packets are cut off the buffer once, after the loop: a drain per packet
+            // would move the rest of a burst again for each one.
+            let mut at = 0;
             loop {
-                match codec::decode(&buf, max_packet) {
+                match codec::decode(&buf[at..], max_packet) {
                     Ok(Some((packet, used))) => {
-                        buf.drain(..used);
+                        at += used;
                         if let Err(e) = handle_packet(conn, shared, routes, packet) {
                             return e;
                         }
@@ -714,8 +722,8 @@ fn read_loop(
                             "mqtt: skipping a {total}-byte packet from the broker, over the \
                              {max_packet}-byte limit ({n} skipped so far)"
                         );
-                        let now = total.min(buf.len());
-                        buf.drain(..now);
+                        let now = total.min(buf.len() - at);
+                        at += now;
                         skip = total - now;
                         break;
                     }
@@ -726,6 +734,7 @@ fn read_loop(
                     }
                 }
             }
+            buf.drain(..at);
         }
         if buf.capacity() > 64 << 10 && buf.len() < 1024 {
             buf.shrink_to(4096); // a big packet passed; do not keep its buffer

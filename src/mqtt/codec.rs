@@ -113,13 +113,16 @@ pub fn encode_publish(
     if dup {
         first |= 0x08;
     }
-    let mut body = Vec::with_capacity(4 + topic.len() + payload.len());
-    put_str(&mut body, topic);
+    // Written straight after the fixed header: the payload is copied once, not via a body.
+    let body_len =
+        2 + topic.len().min(usize::from(u16::MAX)) + packet_id.map_or(0, |_| 2) + payload.len();
+    let mut out = frame_header(first, body_len);
+    put_str(&mut out, topic);
     if let Some(id) = packet_id {
-        body.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
     }
-    body.extend_from_slice(payload);
-    frame(first, &body)
+    out.extend_from_slice(payload);
+    out
 }
 
 pub fn encode_puback(packet_id: u16) -> Vec<u8> {
@@ -282,9 +285,16 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + body.len());
+    let mut out = frame_header(first, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The fixed header of a packet with a `body_len`-byte body, with room for the body.
+fn frame_header(first: u8, body_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body_len);
     out.push(first);
-    let mut len = body.len();
+    let mut len = body_len;
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -296,7 +306,6 @@ fn frame(first: u8, body: &[u8]) -> Vec<u8> {
             break;
         }
     }
-    out.extend_from_slice(body);
     out
 }
 
