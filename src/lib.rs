@@ -7,6 +7,7 @@
 //!  eh-supervisor ── dial (link) ── session (thread::scope) ─────────────── joins all, waits 2×hb
 //!                                   ├─ eh-reader:    poll → frames → Message::decode → Router
 //!                                   ├─ eh-writer:    Outbox (urgent, then rate-limited) → socket
+//!                                   │                (a pushing thread writes itself when it is idle)
 //!                                   └─ eh-heartbeat: keepalive every heartbeat, WS ping every rd/3
 //!  Router ── meta / twin / bus / taskmanager ──▶ module inbox (bounded) ──▶ eh-<module> thread
 //!       └─ responses ──▶ Pending (request/response)      module ── Hub::send / ack / request ──▶ Outbox
@@ -15,8 +16,8 @@
 //! Files, one concern each:
 //! - the link: `link` (TLS + WebSocket, shared by reader and writer), `session` (supervisor and
 //!   session threads), `message` (wire model), `router` (dispatch table, pending requests,
-//!   re-sends), `outbox` (the bounded upstream queue: confirmation, TTL, latest-wins, full policy)
-//!   and `spool` (its disk copy);
+//!   re-sends), `outbox` (the bounded upstream queue: confirmation, TTL, latest-wins, full policy),
+//!   `spool` (its disk copy) and `writer` (outbox → link, by the writer thread or the pushing one);
 //! - edge modules: `modules` (module threads and the `Hub`), `modules::meta_store` (the durable
 //!   resource store that ACKs), `modules::node` (the Node object: registration, status, pods),
 //!   `modules::node_status` (host facts), `modules::local_api` (the Unix socket for apps and
@@ -58,6 +59,7 @@ pub mod session;
 pub mod signals;
 pub mod spool;
 pub mod status;
+pub mod writer;
 
 #[cfg(feature = "cloudsim")]
 pub mod cloudsim;

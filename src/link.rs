@@ -530,21 +530,65 @@ impl Link {
         self.send(tungstenite::Message::Ping(payload.to_vec().into()))
     }
 
+    /// Writes JSON text frames, in order, and flushes what the socket takes now, without waiting:
+    /// returns `false` when part of them is still buffered, and then [`Link::finish_flush`] must
+    /// follow (before anything else is sent with this call). For a thread that must not block on
+    /// the network.
+    ///
+    /// # Errors
+    /// As [`Link::send_text`].
+    pub fn try_send_texts(&self, texts: Vec<String>) -> Result<bool> {
+        let mut ws = self.lock();
+        Link::write_frames(&mut ws, texts.into_iter().map(tungstenite::Message::text))?;
+        Link::try_flush(&mut ws)
+    }
+
+    /// A ping, as [`Link::send_ping`], written as [`Link::try_send_texts`] writes.
+    pub fn try_send_ping(&self, payload: &[u8]) -> Result<bool> {
+        let mut ws = self.lock();
+        Link::write_frames(
+            &mut ws,
+            std::iter::once(tungstenite::Message::Ping(payload.to_vec().into())),
+        )?;
+        Link::try_flush(&mut ws)
+    }
+
+    /// Writes out what [`Link::try_send_texts`] left buffered, within `websocket.writeDeadline`.
+    pub fn finish_flush(&self) -> Result<()> {
+        self.send_all(std::iter::empty())
+    }
+
     fn send(&self, message: tungstenite::Message) -> Result<()> {
         self.send_all(std::iter::once(message))
+    }
+
+    fn write_frames(
+        ws: &mut WebSocket<Stream>,
+        messages: impl Iterator<Item = tungstenite::Message>,
+    ) -> Result<()> {
+        for message in messages {
+            match ws.write(message) {
+                Ok(()) => {}
+                // Buffered inside tungstenite; a flush finishes it.
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(map_ws_error(e, "write")),
+            }
+        }
+        Ok(())
+    }
+
+    fn try_flush(ws: &mut WebSocket<Stream>) -> Result<bool> {
+        match ws.flush() {
+            Ok(()) => Ok(true),
+            Err(e) if would_block(&e) => Ok(false),
+            Err(e) => Err(map_ws_error(e, "write")),
+        }
     }
 
     fn send_all(&self, messages: impl Iterator<Item = tungstenite::Message>) -> Result<()> {
         let deadline = Instant::now() + self.write_deadline;
         let mut ws = self.lock();
-        for message in messages {
-            match ws.write(message) {
-                Ok(()) => {}
-                // Buffered inside tungstenite; the flush below finishes it.
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(map_ws_error(e, "write")),
-            }
-        }
+        Link::write_frames(&mut ws, messages)?;
         loop {
             match ws.flush() {
                 Ok(()) => return Ok(()),

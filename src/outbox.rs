@@ -28,10 +28,11 @@
 use crate::error::Result;
 use crate::message::{now_millis, Message};
 use crate::spool::Spool;
+use crate::writer::Writer;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bound of the urgent lane (ACKs and control answers).
@@ -86,9 +87,11 @@ pub struct Taken {
 pub enum Next {
     /// Write this message.
     Ready(Taken),
-    /// Messages wait but the rate limit says not yet, or the spool's fsync is due then: try again
-    /// after this long.
+    /// Messages wait but the rate limit says not yet: try again after this long.
     Wait(Duration),
+    /// Nothing to send, and the spool's fsync is due after this long: call again then (the call
+    /// does the fsync), or at the bell.
+    SyncDue(Duration),
     /// Nothing to send: wait for the bell.
     Empty,
     /// The in-flight window is full: ask for a confirmation (ping) and wait for the bell.
@@ -173,6 +176,9 @@ pub struct Outbox {
     /// of a trickle (issue 14).
     bell: Mutex<bool>,
     bell_cond: Condvar,
+    /// The session's writer while a link is up: a push hands its message straight to it, so the
+    /// pushing thread writes it when nobody else is writing (see `writer.rs`).
+    writer: Mutex<Option<Arc<Writer>>>,
     pub counters: OutboxCounters,
 }
 
@@ -282,6 +288,7 @@ impl Outbox {
             limits: Mutex::new(limits),
             bell: Mutex::new(false),
             bell_cond: Condvar::new(),
+            writer: Mutex::new(None),
             counters: OutboxCounters::default(),
         };
         {
@@ -320,6 +327,20 @@ impl Outbox {
     pub fn set_limits(&self, limits: Limits) {
         *self.limits() = limits;
         self.ring(); // a faster rate may let the writer go now
+    }
+
+    /// Attaches the session's writer (`None`: the session is over).
+    pub fn attach_writer(&self, writer: Option<Arc<Writer>>) {
+        *self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = writer;
+    }
+
+    /// After a push: the attached writer writes what is ready on this thread if nobody else is
+    /// writing; otherwise the writer thread is rung.
+    fn hand_over(&self) {
+        let writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if !writer.is_some_and(|writer| writer.write_queued(self)) {
+            self.ring();
+        }
     }
 
     /// Wakes the writer (or leaves the ring for its next wait). Also used to wake it when the
@@ -471,7 +492,7 @@ impl Outbox {
             }
         }
         drop(state);
-        self.ring();
+        self.hand_over();
         Ok(())
     }
 
@@ -505,7 +526,7 @@ impl Outbox {
         state.urgent_bytes += size;
         state.urgent.push_back(message);
         drop(state);
-        self.ring();
+        self.hand_over();
     }
 
     /// Encoded bytes waiting in the urgent lane.
@@ -553,7 +574,7 @@ impl Outbox {
                 // loses) instead of coming every time the queue runs empty: at low rates that was
                 // one fdatasync per message, under this lock (scripts/bench.sh, sync c1).
                 match spool.sync_due_in() {
-                    Some(left) if !left.is_zero() => return Next::Wait(left),
+                    Some(left) if !left.is_zero() => return Next::SyncDue(left),
                     Some(_) => spool.sync(),
                     None => {}
                 }

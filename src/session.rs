@@ -8,8 +8,9 @@
 //! - reader: poll(2) on the socket without the lock, drain frames, decode, `Router::dispatch`;
 //!   it also keeps the read deadline (no data message and no pong for `readDeadline` = dead
 //!   link; the cloud's own pings do not count, as a peer can ping while never reading);
-//! - writer: pulls from the shared `Outbox` (urgent lane first, token bucket on the rest), waiting
-//!   on the outbox bell; a failed write puts the message back at the head (§8 W1);
+//! - writer: runs `writer::Writer` (urgent lane first, token bucket on the rest), waiting on the
+//!   outbox bell; while it is idle, a thread that pushes a message writes it itself (the writer
+//!   attached to the outbox); a failed write puts the message back at the head (§8 W1);
 //! - heartbeat: a keepalive at once and every `heartbeat`, a WebSocket ping every readDeadline/3,
 //!   written straight to the link so neither waits behind the outbox or its rate limit.
 //!
@@ -24,11 +25,12 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::link::{self, Incoming, Link};
 use crate::message::{self, Message};
-use crate::outbox::{Lane, Next, Outbox, Taken};
+use crate::outbox::Outbox;
 use crate::router::Router;
 use crate::status::Status;
+use crate::writer::Writer;
 use crossbeam_channel::{bounded, never, select, tick, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Stack sizes: the reader decodes JSON (serde_json caps nesting at 128 levels), the others only
@@ -36,22 +38,6 @@ use std::time::{Duration, Instant};
 const READER_STACK_BYTES: usize = 256 << 10;
 const WRITER_STACK_BYTES: usize = 128 << 10;
 const HEARTBEAT_STACK_BYTES: usize = 128 << 10;
-/// The writer asks the cloud to confirm what it read at least every this many messages (a quarter
-/// of the in-flight window): each pong wakes the reader and finishes a batch of spool records, so
-/// at 10k messages/s 64 cost 156 wake-ups a second (issue 14).
-const CONFIRM_EVERY: u64 = 256;
-/// When the queue runs empty the writer waits this long for more before asking for a
-/// confirmation, so a steady trickle (a request, then the next) does not cost a ping per message.
-const CONFIRM_LINGER: Duration = Duration::from_millis(5);
-/// Most messages the writer takes from the outbox for one flush: what is ready at once shares
-/// TLS records and sends instead of costing one of each per message.
-const WRITE_BATCH: usize = 64;
-/// Under a stream of messages (the previous flush ended less than `GATHER_GAP` before the next
-/// message was taken), a lone message waits `GATHER_WAIT` so that what its sender queues meanwhile
-/// shares the flush: one wake-up and one send per batch instead of per message (issue 14). A
-/// request/response trickle, one message per round trip, never waits; neither do ACKs.
-const GATHER_GAP: Duration = Duration::from_micros(50);
-const GATHER_WAIT: Duration = Duration::from_micros(100);
 /// How much of a malformed frame is quoted in the log.
 const MAX_QUOTED_FRAME: usize = 200;
 
@@ -140,6 +126,7 @@ impl Supervisor {
             }
             match self.dial(&stop) {
                 Ok(link) => {
+                    let link = Arc::new(link);
                     let sessions =
                         self.status.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     log::info!("connected to {} (session {sessions})", link.peer());
@@ -233,11 +220,11 @@ impl Supervisor {
 
     /// Runs the three session threads until the first one ends or the agent stops, then stops
     /// and joins all of them.
-    fn run_session(&self, link: &Link, agent_stop: &Receiver<()>) -> ExitReason {
+    fn run_session(&self, link: &Arc<Link>, agent_stop: &Receiver<()>) -> ExitReason {
         let (done_tx, done_rx) = bounded::<ExitReason>(3);
         let (stop_tx, stop_rx) = bounded::<()>(0);
-        // Normal-lane messages the writer has written this session (see `writer`).
-        let cursor = Mutex::new(0u64);
+        let writer = Arc::new(Writer::new(link.clone(), self.status.clone()));
+        self.outbox.attach_writer(Some(writer.clone()));
         std::thread::scope(|scope| {
             let builder = |name: &str, stack: usize| {
                 std::thread::Builder::new().name(name.to_owned()).stack_size(stack)
@@ -247,10 +234,10 @@ impl Supervisor {
                     .spawn_scoped(scope, || self.reader(link, &done_tx, &stop_rx))
                     .err(),
                 builder("eh-writer", WRITER_STACK_BYTES)
-                    .spawn_scoped(scope, || self.writer(link, &cursor, &done_tx, &stop_rx))
+                    .spawn_scoped(scope, || self.writer(&writer, &done_tx, &stop_rx))
                     .err(),
                 builder("eh-heartbeat", HEARTBEAT_STACK_BYTES)
-                    .spawn_scoped(scope, || self.heartbeat(link, &cursor, &done_tx, &stop_rx))
+                    .spawn_scoped(scope, || self.heartbeat(link, &writer, &done_tx, &stop_rx))
                     .err(),
             ];
             let first = match started.into_iter().flatten().next() {
@@ -263,9 +250,13 @@ impl Supervisor {
             };
             // Nudge: wake every select!, the writer's bell and the reader's poll, then leave the
             // scope (joins all).
+            // Nobody writes after this: what is pushed from now on waits for the next session,
+            // and what was written is requeued (`run`) only after the last write has ended.
             drop(stop_tx);
+            self.outbox.attach_writer(None);
             self.outbox.ring();
             link.shutdown();
+            writer.end();
             first
         })
     }
@@ -350,98 +341,12 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Pulls from the outbox and writes; what is ready at once (up to `WRITE_BATCH`) goes out
-    /// with one flush. Every `CONFIRM_EVERY` messages, when it must wait (window full, rate limit)
-    /// and when the queue has stayed empty for `CONFIRM_LINGER`, it sends a ping whose payload is
-    /// the count of messages written so far this session: the cloud answers pings from the
-    /// goroutine that reads and handles our messages in order, so the pong proves everything
-    /// before it was read (see `Outbox::confirm`).
-    fn writer(
-        &self,
-        link: &Link,
-        cursor: &Mutex<u64>,
-        done: &Sender<ExitReason>,
-        stop: &Receiver<()>,
-    ) {
+    /// Runs the session's writer (`writer.rs`) until the session stops or a write fails.
+    fn writer(&self, writer: &Writer, done: &Sender<ExitReason>, stop: &Receiver<()>) {
         let mut guard = ExitGuard::new(done, "writer");
-        let mut written: u64 = 0;
-        let mut pinged: u64 = 0;
-        let mut batch: Vec<Taken> = Vec::with_capacity(WRITE_BATCH);
-        let mut flushed_at = Instant::now();
-        guard.reason = Some(loop {
-            let next = self.outbox.next(Instant::now());
-            if matches!(next, Next::Wait(_) | Next::WindowFull) {
-                if let Err(e) = ask_confirmation(link, written, &mut pinged) {
-                    break ExitReason::Write(e);
-                }
-            }
-            match next {
-                Next::Ready(first) => {
-                    let streaming = first.lane == Lane::Normal && flushed_at.elapsed() < GATHER_GAP;
-                    batch.push(first);
-                    let mut gathered = !streaming;
-                    while batch.len() < WRITE_BATCH {
-                        // Anything but a message is asked for again at the top of the loop.
-                        let Next::Ready(more) = self.outbox.next(Instant::now()) else {
-                            if gathered || batch.len() > 1 {
-                                break;
-                            }
-                            // Not the bell: its rings would end the wait at the next message.
-                            std::thread::sleep(GATHER_WAIT);
-                            gathered = true;
-                            continue;
-                        };
-                        batch.push(more);
-                    }
-                    let texts = batch
-                        .iter_mut()
-                        .map(|taken| {
-                            log::debug!("to cloud: {:?}", taken.message);
-                            // Encoded once, when it was spooled, if the outbox kept the text.
-                            taken.wire.take().unwrap_or_else(|| taken.message.encode())
-                        })
-                        .collect();
-                    if let Err(e) = link.send_texts(texts) {
-                        // Last first, so the batch is back at the head in its order.
-                        batch.drain(..).rev().for_each(|taken| self.outbox.put_back(taken));
-                        break ExitReason::Write(e);
-                    }
-                    flushed_at = Instant::now();
-                    let confirmations_due = written / CONFIRM_EVERY;
-                    for taken in batch.drain(..) {
-                        Status::bump(&self.status.messages_up);
-                        if taken.lane == Lane::Normal {
-                            written += 1;
-                            self.outbox.written(taken, written);
-                        }
-                    }
-                    *cursor.lock().unwrap_or_else(|p| p.into_inner()) = written;
-                    if written / CONFIRM_EVERY > confirmations_due {
-                        if let Err(e) = ask_confirmation(link, written, &mut pinged) {
-                            break ExitReason::Write(e);
-                        }
-                    }
-                }
-                // The session's end rings the bell too (`run_session`), so every wait ends then.
-                Next::Wait(delay) => {
-                    // An urgent message may arrive meanwhile: the bell ends the wait.
-                    self.outbox.wait_bell(Some(delay));
-                }
-                Next::Empty if written > pinged => {
-                    // More to write: the ping can wait.
-                    if !self.outbox.wait_bell(Some(CONFIRM_LINGER)) && !is_stopping(stop) {
-                        if let Err(e) = ask_confirmation(link, written, &mut pinged) {
-                            break ExitReason::Write(e);
-                        }
-                    }
-                }
-                Next::Empty | Next::WindowFull => {
-                    self.outbox.wait_bell(None);
-                }
-            }
-            if is_stopping(stop) {
-                break ExitReason::Stopped;
-            }
+        guard.reason = Some(match writer.run(&self.outbox, || is_stopping(stop)) {
+            Ok(()) => ExitReason::Stopped,
+            Err(e) => ExitReason::Write(e),
         });
     }
 
@@ -450,7 +355,7 @@ impl Supervisor {
     fn heartbeat(
         &self,
         link: &Link,
-        cursor: &Mutex<u64>,
+        writer: &Writer,
         done: &Sender<ExitReason>,
         stop: &Receiver<()>,
     ) {
@@ -481,24 +386,13 @@ impl Supervisor {
                     }
                 }
                 recv(ping_tick) -> _ => {
-                    let written = *cursor.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = link.send_ping(&written.to_be_bytes()) {
+                    if let Err(e) = link.send_ping(&writer.cursor().to_be_bytes()) {
                         break ExitReason::Write(e);
                     }
                 }
             }
         });
     }
-}
-
-/// Asks the cloud to confirm the first `written` messages of the session, unless it was asked
-/// for them already.
-fn ask_confirmation(link: &Link, written: u64, pinged: &mut u64) -> Result<(), Error> {
-    if written > *pinged {
-        link.send_ping(&written.to_be_bytes())?;
-        *pinged = written;
-    }
-    Ok(())
 }
 
 /// True once the stop channel fired or its sender is gone.
