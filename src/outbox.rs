@@ -76,6 +76,8 @@ pub struct Taken {
     /// The message's wire text when the outbox still has it from the spool write.
     pub wire: Option<String>,
     pub lane: Lane,
+    /// A request: its sender waits for the response (see [`Outbox::push_request`]).
+    pub awaited: bool,
     seq: u64,
     enqueued_ms: i64,
     spooled: bool,
@@ -191,6 +193,7 @@ struct Entry {
     seq: u64,
     enqueued_ms: i64,
     spooled: bool,
+    awaited: bool,
     coalesce_key: Option<(String, String)>,
 }
 
@@ -335,10 +338,11 @@ impl Outbox {
     }
 
     /// After a push: the attached writer writes what is ready on this thread if nobody else is
-    /// writing; otherwise the writer thread is rung.
-    fn hand_over(&self) {
+    /// writing and, unless `prompt`, the push is not part of a stream; otherwise the writer thread
+    /// is rung.
+    fn hand_over(&self, prompt: bool) {
         let writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        if !writer.is_some_and(|writer| writer.write_queued(self)) {
+        if !writer.is_some_and(|writer| writer.write_queued(self, prompt)) {
             self.ring();
         }
     }
@@ -368,6 +372,7 @@ impl Outbox {
             seq,
             enqueued_ms,
             spooled,
+            awaited: false,
             coalesce_key,
         }
     }
@@ -463,12 +468,28 @@ impl Outbox {
     /// # Errors
     /// Under the `Reject` policy, hands the message back when the outbox is full (by count or bytes).
     pub fn push(&self, message: Message) -> std::result::Result<(), Rejected> {
+        self.queue(message, false)
+    }
+
+    /// Queues a request, a message whose sender waits for the response: as [`Outbox::push`], but
+    /// it is not spooled and it is written at once, never held back to share a flush. A request
+    /// lives as long as its waiter, which a restart ends: sent again by the next process, its
+    /// response would find nobody waiting.
+    ///
+    /// # Errors
+    /// As [`Outbox::push`].
+    pub fn push_request(&self, message: Message) -> std::result::Result<(), Rejected> {
+        self.queue(message, true)
+    }
+
+    fn queue(&self, message: Message, awaited: bool) -> std::result::Result<(), Rejected> {
         let mut state = self.lock();
         if state.closed {
             return Err(Rejected { message: Box::new(message), reason: "agent stopping" });
         }
         let seq = state.next_seq;
-        let entry = self.entry(message, seq, now_millis(), false);
+        let mut entry = self.entry(message, seq, now_millis(), false);
+        entry.awaited = awaited;
         let index = match self.admit(&mut state, entry) {
             Ok(index) => index,
             Err(refused) => {
@@ -479,7 +500,7 @@ impl Outbox {
         };
         state.next_seq += 1;
         let State { spool, normal, .. } = &mut *state;
-        if let Some(spool) = spool.as_mut() {
+        if let Some(spool) = spool.as_mut().filter(|_| !awaited) {
             let keep_wire = normal.len() <= KEEP_WIRE_QUEUED;
             let entry = &mut normal[index];
             let wire = entry.message.encode();
@@ -492,7 +513,7 @@ impl Outbox {
             }
         }
         drop(state);
-        self.hand_over();
+        self.hand_over(awaited);
         Ok(())
     }
 
@@ -526,7 +547,7 @@ impl Outbox {
         state.urgent_bytes += size;
         state.urgent.push_back(message);
         drop(state);
-        self.hand_over();
+        self.hand_over(true);
     }
 
     /// Encoded bytes waiting in the urgent lane.
@@ -546,6 +567,7 @@ impl Outbox {
                 seq: 0,
                 enqueued_ms: 0,
                 spooled: false,
+                awaited: false,
             });
         }
         let (ttl, rate, burst) = {
@@ -596,6 +618,7 @@ impl Outbox {
                 seq: e.seq,
                 enqueued_ms: e.enqueued_ms,
                 spooled: e.spooled,
+                awaited: e.awaited,
             }),
             None => Next::Empty, // cannot happen: checked non-empty above under the same lock
         }
@@ -615,6 +638,7 @@ impl Outbox {
             seq: taken.seq,
             enqueued_ms: taken.enqueued_ms,
             spooled: taken.spooled,
+            awaited: taken.awaited,
         };
         let mut state = self.lock();
         state.in_flight_bytes += entry.size;
@@ -652,7 +676,9 @@ impl Outbox {
             state.in_flight_bytes -= entry.size;
             // A status-like message coalesces again; if a newer twin is already queued, the
             // newer one wins and this one is finished.
+            let awaited = entry.awaited;
             let mut entry = self.entry(entry.message, entry.seq, entry.enqueued_ms, entry.spooled);
+            entry.awaited = awaited;
             if let Some(key) = entry.coalesce_key.take() {
                 if state.latest.contains_key(&key) {
                     self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -697,6 +723,7 @@ impl Outbox {
                     seq: taken.seq,
                     enqueued_ms: taken.enqueued_ms,
                     spooled: taken.spooled,
+                    awaited: taken.awaited,
                 };
                 state.normal_bytes += entry.size;
                 state.normal.push_front(entry);
@@ -1086,6 +1113,24 @@ mod tests {
         drop(o);
         let o = Outbox::open(limits(100), &options).unwrap();
         assert!(o.is_empty(), "everything sent is done on disk too");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_request_waits_in_memory_only_and_is_marked_awaited() {
+        let dir = temp_dir("requests");
+        let options = SpoolOptions { dir: dir.clone(), sync_interval: Duration::ZERO };
+        {
+            let o = Outbox::open(limits(100), &options).unwrap();
+            o.push(msg(0)).unwrap();
+            o.push_request(msg(1)).unwrap();
+            o.push(msg(2)).unwrap();
+            let taken: Vec<_> = (0..3).map(|_| take(&o)).map(|t| (t.awaited, t.spooled)).collect();
+            assert_eq!(taken, [(false, true), (true, false), (false, true)]);
+            o.flush();
+        }
+        let o = Outbox::open(limits(100), &options).unwrap();
+        assert_eq!(drain(&o), ["default/x/0", "default/x/2"], "the request is not recovered");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -167,14 +167,83 @@ pub fn cloud_waits_for_ack(msg: &Message) -> bool {
 /// timeout cannot hold the stop.
 #[derive(Debug, Default)]
 pub struct Pending {
-    waiters: Mutex<HashMap<String, Sender<Message>>>,
+    waiters: Mutex<HashMap<String, Waiter>>,
     /// Set (under the `waiters` lock) by `close`: no request may wait any more.
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// Where one response goes.
+#[derive(Debug)]
+enum Waiter {
+    /// A channel, for a waiter that `select!`s (`Hub::request_async`).
+    Channel(Sender<Message>),
+    /// A slot, for a thread that only blocks on it (`Hub::request`).
+    Slot(Arc<ReplySlot>),
+}
+
+/// The response to one blocking request. A slot and a condition variable rather than a channel:
+/// a channel's receiver spins and yields the CPU several times before it sleeps, on every request
+/// of a request/response trickle (issue 14).
+#[derive(Debug, Default)]
+pub struct ReplySlot {
+    state: Mutex<Reply>,
+    filled: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+enum Reply {
+    #[default]
+    Waiting,
+    Answered(Box<Message>),
+    /// The agent is stopping (`Pending::close`).
+    Cancelled,
+}
+
+/// Why [`ReplySlot::wait`] returned without a response.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoReply {
+    Timeout,
+    Cancelled,
+}
+
+impl ReplySlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Reply> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set(&self, reply: Reply) {
+        *self.lock() = reply;
+        self.filled.notify_one();
+    }
+
+    /// Waits up to `timeout` for the response.
+    ///
+    /// # Errors
+    /// `Timeout`, or `Cancelled` when the agent stops first.
+    pub fn wait(&self, timeout: Duration) -> Result<Message, NoReply> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut reply = self.lock();
+        loop {
+            match std::mem::take(&mut *reply) {
+                Reply::Answered(message) => return Ok(*message),
+                Reply::Cancelled => return Err(NoReply::Cancelled),
+                Reply::Waiting => {}
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(NoReply::Timeout);
+            }
+            reply = match self.filled.wait_timeout(reply, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+}
+
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sender<Message>>> {
-        // A map of channel ends: a panic elsewhere cannot leave it half-updated.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
+        // A map of channel ends and slots: a panic elsewhere cannot leave it half-updated.
         self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -184,6 +253,23 @@ impl Pending {
     /// # Errors
     /// `Full` when too many requests wait; `Stopped` once [`Pending::close`] was called.
     pub fn register(&self, request_id: &str) -> crate::Result<Receiver<Message>> {
+        let (tx, rx) = bounded(1);
+        self.insert(request_id, Waiter::Channel(tx))?;
+        Ok(rx)
+    }
+
+    /// As [`Pending::register`], for a thread that blocks on the response: it waits on the
+    /// returned slot, which says `Cancelled` if the agent stops first.
+    ///
+    /// # Errors
+    /// As [`Pending::register`].
+    pub fn register_slot(&self, request_id: &str) -> crate::Result<Arc<ReplySlot>> {
+        let slot = Arc::new(ReplySlot::default());
+        self.insert(request_id, Waiter::Slot(slot.clone()))?;
+        Ok(slot)
+    }
+
+    fn insert(&self, request_id: &str, waiter: Waiter) -> crate::Result<()> {
         let mut waiters = self.lock();
         // Checked under the lock `close` takes, so no waiter can slip in after it.
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -192,18 +278,22 @@ impl Pending {
         if waiters.len() >= MAX_PENDING_REQUESTS {
             return Err(crate::ErrorKind::Full.msg("too many requests waiting for the cloud"));
         }
-        let (tx, rx) = bounded(1);
-        waiters.insert(request_id.to_owned(), tx);
-        Ok(rx)
+        waiters.insert(request_id.to_owned(), waiter);
+        Ok(())
     }
 
-    /// The agent is stopping: every waiter wakes now (its receiver disconnects) and no new one is
-    /// registered. A response arriving later is an orphan.
+    /// The agent is stopping: every waiter wakes now (a receiver disconnects, a slot says
+    /// `Cancelled`) and no new one is registered. A response arriving later is an orphan.
     pub fn close(&self) {
         let mut waiters = self.lock();
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         let woken = waiters.len();
-        waiters.clear(); // dropping each Sender disconnects its waiter's receiver
+        for (_, waiter) in waiters.drain() {
+            // Dropping a Sender disconnects its waiter's receiver.
+            if let Waiter::Slot(slot) = waiter {
+                slot.set(Reply::Cancelled);
+            }
+        }
         if woken > 0 {
             log::info!("stopping: cancelled {woken} request(s) waiting for the cloud");
         }
@@ -214,13 +304,19 @@ impl Pending {
         self.lock().remove(request_id);
     }
 
-    /// Hands `response` to its waiter. Never blocks (the slot holds one message and each waiter
-    /// gets one response), so the reader cannot deadlock here (protocol §8 W8). Gives the message
-    /// back when nobody waits.
+    /// Hands `response` to its waiter. Never blocks (a channel holds one message, a slot one,
+    /// and each waiter gets one response), so the reader cannot deadlock here (protocol §8 W8).
+    /// Gives the message back when nobody waits.
     pub fn deliver(&self, response: Message) -> Result<(), Box<Message>> {
         let waiter = self.lock().remove(&response.header.parent_id);
         match waiter {
-            Some(tx) => tx.try_send(response).map_err(|e| Box::new(e.into_inner())),
+            Some(Waiter::Channel(tx)) => {
+                tx.try_send(response).map_err(|e| Box::new(e.into_inner()))
+            }
+            Some(Waiter::Slot(slot)) => {
+                slot.set(Reply::Answered(Box::new(response)));
+                Ok(())
+            }
             None => Err(Box::new(response)),
         }
     }
@@ -661,6 +757,27 @@ mod tests {
         );
         assert!(p.is_empty());
         assert_eq!(p.register("req-2").unwrap_err().kind(), crate::ErrorKind::Stopped);
+    }
+
+    #[test]
+    fn a_reply_slot_gets_its_response_times_out_or_is_cancelled() {
+        let p = Arc::new(Pending::default());
+        let slot = p.register_slot("req-1").unwrap();
+        let waiter = std::thread::spawn(move || slot.wait(Duration::from_secs(120)));
+        let mut response = Message::with_text(Default::default(), "answer");
+        response.header.parent_id = "req-1".into();
+        p.deliver(response).unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap().content_text().as_deref(), Some("answer"));
+
+        let slot = p.register_slot("req-2").unwrap();
+        assert_eq!(slot.wait(Duration::from_millis(20)).unwrap_err(), NoReply::Timeout);
+        p.cancel("req-2");
+
+        let slot = p.register_slot("req-3").unwrap();
+        let waiter = std::thread::spawn(move || slot.wait(Duration::from_secs(120)));
+        p.close();
+        assert_eq!(waiter.join().unwrap().unwrap_err(), NoReply::Cancelled);
+        assert_eq!(p.register_slot("req-4").unwrap_err().kind(), crate::ErrorKind::Stopped);
     }
 }
 

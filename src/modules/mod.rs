@@ -14,9 +14,9 @@ pub mod service_bus;
 use crate::error::{ErrorKind, Result};
 use crate::message::Message;
 use crate::outbox::{Outbox, Rejected};
-use crate::router::{Pending, Redeliveries};
+use crate::router::{NoReply, Pending, Redeliveries};
 use crate::status::Status;
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -84,29 +84,29 @@ impl Hub {
 
     /// Sends `msg` and waits up to `timeout` for the cloud's response (the message whose
     /// `parent_msg_id` is `msg`'s ID). On timeout the waiter is removed; a late response is then
-    /// treated as an orphan (and still ACKed if it needs one).
+    /// treated as an orphan (and still ACKed if it needs one). The request waits in the outbox
+    /// across reconnects but is not spooled: a restart ends its waiter too.
     ///
     /// # Errors
     /// `Full` when too many requests wait or the outbox is full; `Timeout` when no response came;
     /// `Stopped` when the agent stops while waiting (at once, whatever the timeout).
     pub fn request(&self, msg: Message, timeout: Duration) -> Result<Message> {
         let id = msg.header.id.clone();
-        let response_rx = self.pending.register(&id)?;
-        if let Err(rejected) = self.outbox.push(msg) {
+        let slot = self.pending.register_slot(&id)?;
+        if let Err(rejected) = self.outbox.push_request(msg) {
             self.pending.cancel(&id);
             return Err(ErrorKind::Full.msg(rejected.to_string()));
         }
-        match response_rx.recv_timeout(timeout) {
+        match slot.wait(timeout) {
             Ok(response) => Ok(response),
-            Err(RecvTimeoutError::Timeout) => {
+            Err(NoReply::Timeout) => {
                 self.pending.cancel(&id);
                 Err(ErrorKind::Timeout.msg(format!(
                     "no response to request {} within {timeout:?}",
                     crate::logging::shown(&id)
                 )))
             }
-            // Only `Pending::close` drops the sender without a response.
-            Err(RecvTimeoutError::Disconnected) => Err(ErrorKind::Stopped.msg(format!(
+            Err(NoReply::Cancelled) => Err(ErrorKind::Stopped.msg(format!(
                 "request {} cancelled: the agent is stopping",
                 crate::logging::shown(&id)
             ))),
@@ -122,7 +122,7 @@ impl Hub {
     pub fn request_async(&self, msg: Message) -> Result<PendingReply> {
         let id = msg.header.id.clone();
         let rx = self.pending.register(&id)?;
-        if let Err(rejected) = self.outbox.push(msg) {
+        if let Err(rejected) = self.outbox.push_request(msg) {
             self.pending.cancel(&id);
             return Err(ErrorKind::Full.msg(rejected.to_string()));
         }
