@@ -176,12 +176,20 @@ pub struct Outbox {
     /// waits on `bell_cond`. A flag and a condition variable rather than a channel: a channel's
     /// blocking select spins and yields the CPU several times before it sleeps, on every message
     /// of a trickle (issue 14).
-    bell: Mutex<bool>,
+    bell: Mutex<Bell>,
     bell_cond: Condvar,
     /// The session's writer while a link is up: a push hands its message straight to it, so the
     /// pushing thread writes it when nobody else is writing (see `writer.rs`).
     writer: Mutex<Option<Arc<Writer>>>,
     pub counters: OutboxCounters,
+}
+
+/// The writer's bell: `rung` by every push the writer thread has to handle, `prompt` as well when
+/// one of them is an ACK or a request, which must not wait for a stream's gathering to end.
+#[derive(Debug, Default)]
+struct Bell {
+    rung: bool,
+    prompt: bool,
 }
 
 #[derive(Debug)]
@@ -289,7 +297,7 @@ impl Outbox {
                 closed: false,
             }),
             limits: Mutex::new(limits),
-            bell: Mutex::new(false),
+            bell: Mutex::new(Bell::default()),
             bell_cond: Condvar::new(),
             writer: Mutex::new(None),
             counters: OutboxCounters::default(),
@@ -343,19 +351,28 @@ impl Outbox {
     fn hand_over(&self, prompt: bool) {
         let writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if !writer.is_some_and(|writer| writer.write_queued(self, prompt)) {
-            self.ring();
+            self.ring_with(prompt);
         }
     }
 
     /// Wakes the writer (or leaves the ring for its next wait). Also used to wake it when the
     /// session stops.
     pub fn ring(&self) {
-        let mut rung = self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !*rung {
-            *rung = true;
-            drop(rung);
+        self.ring_with(false);
+    }
+
+    fn ring_with(&self, prompt: bool) {
+        let mut bell = self.bell();
+        if !bell.rung || (prompt && !bell.prompt) {
+            bell.rung = true;
+            bell.prompt |= prompt;
+            drop(bell);
             self.bell_cond.notify_one();
         }
+    }
+
+    fn bell(&self) -> MutexGuard<'_, Bell> {
+        self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn entry(&self, message: Message, seq: u64, enqueued_ms: i64, spooled: bool) -> Entry {
@@ -434,33 +451,44 @@ impl Outbox {
     /// Waits until the bell rings (something was queued, the window has room, the session stops)
     /// or `timeout` passes (`None`: no limit), and takes the ring. Returns whether it rang.
     pub fn wait_bell(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut rung = self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        while !*rung {
-            rung = match deadline {
-                None => self.bell_cond.wait(rung).unwrap_or_else(|poisoned| poisoned.into_inner()),
+        self.wait_for(timeout.map(|t| Instant::now() + t), false)
+    }
+
+    /// Waits until an ACK or a request is pushed or `until` passes, and takes that ring. Returns whether it came; a plain ring stays for the next `wait_bell`.
+    pub fn wait_prompt(&self, until: Instant) -> bool {
+        self.wait_for(Some(until), true)
+    }
+
+    fn wait_for(&self, deadline: Option<Instant>, prompt_only: bool) -> bool {
+        let rang = |bell: &Bell| if prompt_only { bell.prompt } else { bell.rung };
+        let mut bell = self.bell();
+        while !rang(&bell) {
+            bell = match deadline {
+                None => self.bell_cond.wait(bell).unwrap_or_else(|poisoned| poisoned.into_inner()),
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return false;
                     }
-                    match self.bell_cond.wait_timeout(rung, left) {
+                    match self.bell_cond.wait_timeout(bell, left) {
                         Ok((guard, _)) => guard,
                         Err(poisoned) => poisoned.into_inner().0,
                     }
                 }
             };
         }
-        *rung = false;
+        bell.prompt = false;
+        if !prompt_only {
+            bell.rung = false;
+        }
         true
     }
 
     /// Takes a ring without waiting. Returns whether the bell had rung.
     pub fn take_ring(&self) -> bool {
-        std::mem::replace(
-            &mut *self.bell.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
-            false,
-        )
+        let mut bell = self.bell();
+        bell.prompt = false;
+        std::mem::replace(&mut bell.rung, false)
     }
 
     /// Queues a message in the normal lane (and in the spool, before returning).
@@ -1114,6 +1142,20 @@ mod tests {
         let o = Outbox::open(limits(100), &options).unwrap();
         assert!(o.is_empty(), "everything sent is done on disk too");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_an_ack_or_a_request_ends_the_gathering_wait() {
+        let o = Outbox::new(limits(10));
+        o.push(msg(0)).unwrap();
+        let soon = || Instant::now() + Duration::from_millis(5);
+        assert!(!o.wait_prompt(soon()), "a plain push does not end it");
+        o.push_urgent(msg(1));
+        assert!(o.wait_prompt(Instant::now() + Duration::from_secs(60)), "an ACK does");
+        assert!(!o.wait_prompt(soon()), "that ring is taken once");
+        assert!(o.wait_bell(Some(Duration::ZERO)), "the plain ring stays for the writer's wait");
+        o.push_request(msg(2)).unwrap();
+        assert!(o.wait_prompt(Instant::now() + Duration::from_secs(60)), "a request does");
     }
 
     #[test]

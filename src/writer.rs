@@ -235,8 +235,9 @@ impl Writer {
                     if gathered {
                         break;
                     }
-                    // Not the bell: every push of the stream rings it.
-                    std::thread::sleep(gather_until.saturating_duration_since(Instant::now()));
+                    // Not any ring: every push of the stream rings. An ACK or a request ends
+                    // the wait, and what was gathered goes out with it.
+                    outbox.wait_prompt(gather_until);
                     gathered = true;
                     continue;
                 };
