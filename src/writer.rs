@@ -27,12 +27,14 @@ const CONFIRM_LINGER: Duration = Duration::from_millis(5);
 /// Most messages taken from the outbox for one flush: what is ready at once shares TLS records
 /// and sends instead of costing one of each per message.
 const WRITE_BATCH: usize = 64;
-/// A stream of messages is flushed at most once per `GATHER_GAP`: a message pushed less than that
-/// after the last flush is left to the writer thread, which waits for the rest of the gap so that
-/// what is pushed meanwhile shares the flush. At 10k messages/s that is one wake-up and one send
-/// per ten messages instead of per message, for at most this much added latency. Requests and
-/// ACKs never wait (someone waits for them), and a sparse stream goes out at once.
+/// A dense stream of messages (pushed less than `DENSE_GAP` apart on average) is flushed at most
+/// once per `GATHER_GAP`: a message pushed less than that after the last flush is left to the
+/// writer thread, which waits for the rest of the gap so that what is pushed meanwhile shares the
+/// flush. At 10k messages/s that is one wake-up and one send per ten messages instead of per
+/// message, for at most this much added latency. Requests and ACKs never wait (someone waits for
+/// them), and a sparser stream goes out at once: batching four or fewer would not pay the delay.
 const GATHER_GAP: Duration = Duration::from_millis(1);
+const DENSE_GAP: Duration = Duration::from_micros(250);
 
 /// The writing side of one session. The session attaches it to the outbox
 /// (`Outbox::attach_writer`) while the link is up.
@@ -60,9 +62,21 @@ struct Turn {
     pinged: u64,
     /// When the last flush ended.
     flushed_at: Instant,
+    /// When the last plain message was pushed, and the moving average of the time between
+    /// pushes (weight 1/8 for the newest): how dense the stream is.
+    pushed_at: Instant,
+    push_gap: Duration,
     /// When the writer thread will look again without being rung (`None`: only when rung).
     writer_wakes: Option<Instant>,
     batch: Vec<Taken>,
+}
+
+impl Turn {
+    /// Plain messages come faster than `DENSE_GAP` apart and the last flush was less than
+    /// `GATHER_GAP` ago: the next flush waits for the end of the gap.
+    fn is_dense_stream(&self, now: Instant) -> bool {
+        self.push_gap < DENSE_GAP && now < self.flushed_at + GATHER_GAP
+    }
 }
 
 /// Why a turn stopped taking messages.
@@ -91,6 +105,8 @@ impl Writer {
                 written: 0,
                 pinged: 0,
                 flushed_at: Instant::now(),
+                pushed_at: Instant::now(),
+                push_gap: GATHER_GAP,
                 writer_wakes: None,
                 batch: Vec::with_capacity(WRITE_BATCH),
             }),
@@ -118,8 +134,17 @@ impl Writer {
         if turn.ended || turn.failure.is_some() || turn.unflushed {
             return false;
         }
-        if !prompt && turn.flushed_at.elapsed() < GATHER_GAP {
-            return false; // a stream: the writer thread gathers it
+        if !prompt {
+            let now = Instant::now();
+            let gap = now.saturating_duration_since(turn.pushed_at).min(GATHER_GAP);
+            turn.pushed_at = now;
+            turn.push_gap = (turn.push_gap * 7 + gap) / 8;
+            if turn.is_dense_stream(now) {
+                // The writer thread flushes it at the end of the gap; ring it only if it does
+                // not plan to look by then.
+                let gap_ends = turn.flushed_at + GATHER_GAP;
+                return turn.writer_wakes.is_some_and(|wakes| wakes <= gap_ends);
+            }
         }
         let idle = match self.write_ready(&mut turn, outbox, false) {
             Ok(idle) => idle,
@@ -186,7 +211,11 @@ impl Writer {
                                 confirm = Some(left);
                             }
                         }
-                        [sync, confirm].into_iter().flatten().min()
+                        // In a dense stream, its next messages are due by the end of the gap
+                        // (their pushes then do not ring, see `write_queued`).
+                        let stream =
+                            turn.is_dense_stream(now).then(|| turn.flushed_at + GATHER_GAP - now);
+                        [sync, confirm, stream].into_iter().flatten().min()
                     }
                 };
                 turn.writer_wakes = wait.map(|left| now + left);
@@ -225,7 +254,7 @@ impl Writer {
             let streaming = may_wait
                 && first.lane == Lane::Normal
                 && !first.awaited
-                && gather_until > Instant::now();
+                && turn.is_dense_stream(Instant::now());
             let batch = &mut turn.batch;
             batch.push(first);
             let mut gathered = !streaming;
