@@ -1,6 +1,8 @@
 //! The one bounded upstream queue (store-and-forward). Everything modules send to the cloud waits
 //! here until the session's writer has written it to the socket; it outlives sessions and, with a
-//! spool, restarts. The writer pulls; the outbox never sees the socket and knows nothing of modules.
+//! spool, restarts. The writer (`writer.rs`) pulls, on the session's writer thread or, through the
+//! writer attached here, on the thread that has just pushed; the outbox never sees the socket and
+//! knows nothing of modules.
 //!
 //! Invariants, true at the start and end of every method:
 //! - `normal` holds at most `max_messages` messages and `max_bytes` encoded bytes, except for a
@@ -184,6 +186,17 @@ pub struct Outbox {
     pub counters: OutboxCounters,
 }
 
+/// What a push queued, for the writer it is handed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// A message of the normal lane (`push`).
+    Plain,
+    /// ACKs or control answers (`push_urgent`, `push_urgent_all`).
+    Acks,
+    /// A request (`push_request`).
+    Request,
+}
+
 /// The writer's bell: `rung` by every push the writer thread has to handle, `prompt` as well when
 /// one of them is an ACK or a request, which must not wait for a stream's gathering to end.
 #[derive(Debug, Default)]
@@ -346,12 +359,12 @@ impl Outbox {
     }
 
     /// After a push: the attached writer writes what is ready on this thread if nobody else is
-    /// writing and, unless `prompt`, the push is not part of a stream; otherwise the writer thread
-    /// is rung.
-    fn hand_over(&self, prompt: bool) {
+    /// writing and the push is not part of a dense stream; otherwise the writer thread is rung
+    /// (a prompt ring for ACKs and requests).
+    fn hand_over(&self, pushed: Pushed) {
         let writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        if !writer.is_some_and(|writer| writer.write_queued(self, prompt)) {
-            self.ring_with(prompt);
+        if !writer.is_some_and(|writer| writer.write_queued(self, pushed)) {
+            self.ring_with(pushed != Pushed::Plain);
         }
     }
 
@@ -541,41 +554,55 @@ impl Outbox {
             }
         }
         drop(state);
-        self.hand_over(awaited);
+        self.hand_over(if awaited { Pushed::Request } else { Pushed::Plain });
         Ok(())
     }
 
     /// Queues an ACK or control answer in the urgent lane; if the lane is full the oldest is
     /// dropped and counted (see the type's invariants for why that is safe).
     pub fn push_urgent(&self, message: Message) {
-        let size = message.encoded_len_hint();
-        if size > URGENT_MAX_BYTES {
-            // Only a caller bypassing `Message::bounded_reply` gets here: the lane could hold
-            // nothing else.
-            log::warn!("outbox: urgent message of {size} bytes over {URGENT_MAX_BYTES}, dropped");
-            self.counters.urgent_dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        self.push_urgent_all(std::iter::once(message));
+    }
+
+    /// As [`Outbox::push_urgent`] for several (a module's ACKs for a batch it applied): they are
+    /// handed over together, so they share a flush instead of costing a send each.
+    pub fn push_urgent_all(&self, messages: impl IntoIterator<Item = Message>) {
         let mut state = self.lock();
         let mut dropped = 0;
-        while state.urgent.len() >= URGENT_CAP || state.urgent_bytes + size > URGENT_MAX_BYTES {
-            let Some(old) = state.urgent.pop_front() else { break };
-            state.urgent_bytes -= old.encoded_len_hint();
-            dropped += 1;
-            if dropped == 1 {
+        let mut queued = false;
+        for message in messages {
+            let size = message.encoded_len_hint();
+            if size > URGENT_MAX_BYTES {
+                // Only a caller bypassing `Message::bounded_reply` gets here: the lane could hold
+                // nothing else.
                 log::warn!(
-                    "outbox: urgent lane full ({URGENT_CAP} messages or {URGENT_MAX_BYTES} \
-                     bytes), dropped {old:?}"
+                    "outbox: urgent message of {size} bytes over {URGENT_MAX_BYTES}, dropped"
                 );
+                self.counters.urgent_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
+            while state.urgent.len() >= URGENT_CAP || state.urgent_bytes + size > URGENT_MAX_BYTES {
+                let Some(old) = state.urgent.pop_front() else { break };
+                state.urgent_bytes -= old.encoded_len_hint();
+                dropped += 1;
+                if dropped == 1 {
+                    log::warn!(
+                        "outbox: urgent lane full ({URGENT_CAP} messages or {URGENT_MAX_BYTES} \
+                         bytes), dropped {old:?}"
+                    );
+                }
+            }
+            state.urgent_bytes += size;
+            state.urgent.push_back(message);
+            queued = true;
         }
+        drop(state);
         if dropped > 0 {
             self.counters.urgent_dropped.fetch_add(dropped, Ordering::Relaxed);
         }
-        state.urgent_bytes += size;
-        state.urgent.push_back(message);
-        drop(state);
-        self.hand_over(true);
+        if queued {
+            self.hand_over(Pushed::Acks);
+        }
     }
 
     /// Encoded bytes waiting in the urgent lane.
@@ -932,6 +959,16 @@ mod tests {
         o.push(msg(1)).unwrap();
         assert!(o.take_ring());
         assert!(!o.take_ring());
+    }
+
+    #[test]
+    fn a_batch_of_acks_is_queued_in_order_and_bounded_like_single_ones() {
+        let o = Outbox::new(limits(10));
+        o.push_urgent_all((0..3).map(msg));
+        assert_eq!(drain(&o), ["default/x/0", "default/x/1", "default/x/2"]);
+        o.push_urgent_all((0..=URGENT_CAP).map(msg));
+        assert_eq!(o.counters.urgent_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(take(&o).message.route.resource, "default/x/1");
     }
 
     #[test]

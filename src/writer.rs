@@ -11,7 +11,7 @@
 
 use crate::error::Error;
 use crate::link::Link;
-use crate::outbox::{Lane, Next, Outbox, Taken};
+use crate::outbox::{Lane, Next, Outbox, Pushed, Taken};
 use crate::status::Status;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,6 +35,10 @@ const WRITE_BATCH: usize = 64;
 /// them), and a sparser stream goes out at once: batching four or fewer would not pay the delay.
 const GATHER_GAP: Duration = Duration::from_millis(1);
 const DENSE_GAP: Duration = Duration::from_micros(250);
+/// ACKs pushed one by one less than this far apart on average (over 25k/s, a module ACKing a
+/// flood) are left to the writer thread, without any wait: what piles up while it wakes shares a
+/// flush, where writing each on the pushing thread would cost a send per ACK.
+const DENSE_ACK_GAP: Duration = Duration::from_micros(40);
 
 /// The writing side of one session. The session attaches it to the outbox
 /// (`Outbox::attach_writer`) while the link is up.
@@ -63,12 +67,22 @@ struct Turn {
     /// When the last flush ended.
     flushed_at: Instant,
     /// When the last plain message was pushed, and the moving average of the time between
-    /// pushes (weight 1/8 for the newest): how dense the stream is.
+    /// pushes (weight 1/8 for the newest): how dense the stream is. The same for ACKs.
     pushed_at: Instant,
     push_gap: Duration,
+    acked_at: Instant,
+    ack_gap: Duration,
     /// When the writer thread will look again without being rung (`None`: only when rung).
     writer_wakes: Option<Instant>,
     batch: Vec<Taken>,
+}
+
+/// The moving average of the time between pushes, with the push at `now` (weight 1/8; a gap
+/// counts at most `GATHER_GAP`, so a pause does not hide a new stream for long).
+fn moving_gap(average: Duration, last: &mut Instant, now: Instant) -> Duration {
+    let gap = now.saturating_duration_since(*last).min(GATHER_GAP);
+    *last = now;
+    (average * 7 + gap) / 8
 }
 
 impl Turn {
@@ -107,6 +121,8 @@ impl Writer {
                 flushed_at: Instant::now(),
                 pushed_at: Instant::now(),
                 push_gap: GATHER_GAP,
+                acked_at: Instant::now(),
+                ack_gap: GATHER_GAP,
                 writer_wakes: None,
                 batch: Vec::with_capacity(WRITE_BATCH),
             }),
@@ -128,23 +144,30 @@ impl Writer {
     /// writing, without waiting for anything. Returns `false` when the writer thread must be rung
     /// instead: someone else has the turn, or what is left needs a wait (rate limit, full window,
     /// a slow socket), or the writer thread must look earlier than it planned (fsync, confirmation).
-    /// `prompt`: an ACK or a request, written even in the middle of a stream.
-    pub fn write_queued(&self, outbox: &Outbox, prompt: bool) -> bool {
+    /// ACKs and requests are written even in the middle of a stream.
+    pub fn write_queued(&self, outbox: &Outbox, pushed: Pushed) -> bool {
         let Ok(mut turn) = self.turn.try_lock() else { return false };
         if turn.ended || turn.failure.is_some() || turn.unflushed {
             return false;
         }
-        if !prompt {
-            let now = Instant::now();
-            let gap = now.saturating_duration_since(turn.pushed_at).min(GATHER_GAP);
-            turn.pushed_at = now;
-            turn.push_gap = (turn.push_gap * 7 + gap) / 8;
-            if turn.is_dense_stream(now) {
-                // The writer thread flushes it at the end of the gap; ring it only if it does
-                // not plan to look by then.
-                let gap_ends = turn.flushed_at + GATHER_GAP;
-                return turn.writer_wakes.is_some_and(|wakes| wakes <= gap_ends);
+        let now = Instant::now();
+        match pushed {
+            Pushed::Plain => {
+                turn.push_gap = moving_gap(turn.push_gap, &mut turn.pushed_at, now);
+                if turn.is_dense_stream(now) {
+                    // The writer thread flushes it at the end of the gap; ring it only if it
+                    // does not plan to look by then.
+                    let gap_ends = turn.flushed_at + GATHER_GAP;
+                    return turn.writer_wakes.is_some_and(|wakes| wakes <= gap_ends);
+                }
             }
+            Pushed::Acks => {
+                turn.ack_gap = moving_gap(turn.ack_gap, &mut turn.acked_at, now);
+                if turn.ack_gap < DENSE_ACK_GAP {
+                    return false;
+                }
+            }
+            Pushed::Request => {}
         }
         let idle = match self.write_ready(&mut turn, outbox, false) {
             Ok(idle) => idle,

@@ -58,8 +58,24 @@ impl Hub {
     /// covers it), and returns whether one was queued. Call it only after the change is durable:
     /// an ACK tells the cloud never to send this version again.
     pub fn ack(&self, msg: &Message) -> bool {
+        let Some(ack) = self.ack_for(msg) else { return false };
+        self.outbox.push_urgent(ack);
+        true
+    }
+
+    /// [`Hub::ack`] for each of `msgs` (a batch applied together), queued at once so the ACKs
+    /// share one flush. Returns how many were queued.
+    pub fn ack_all<'a>(&self, msgs: impl IntoIterator<Item = &'a Message>) -> usize {
+        let acks: Vec<Message> = msgs.into_iter().filter_map(|msg| self.ack_for(msg)).collect();
+        let queued = acks.len();
+        self.outbox.push_urgent_all(acks);
+        queued
+    }
+
+    /// The ACK to queue for `msg`, if the cloud waits for one (counted and recorded as acked).
+    fn ack_for(&self, msg: &Message) -> Option<Message> {
         if !crate::router::cloud_waits_for_ack(msg) {
-            return false;
+            return None;
         }
         if !crate::router::ids_within_bounds(msg) {
             // The ACK would carry the ID; the router never delivers such a message from the cloud.
@@ -68,12 +84,11 @@ impl Hub {
                 msg.header.id.len(),
                 crate::router::MAX_MSG_ID_BYTES
             );
-            return false;
+            return None;
         }
         Status::bump(&self.status.acks_sent);
         self.redeliveries.acked(&msg.header.id);
-        self.outbox.push_urgent(msg.ack());
-        true
+        Some(msg.ack())
     }
 
     /// "I could not apply this message": the cloud's next re-send of it is delivered again
