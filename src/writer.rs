@@ -124,7 +124,7 @@ impl Writer {
                 acked_at: Instant::now(),
                 ack_gap: GATHER_GAP,
                 writer_wakes: None,
-                batch: Vec::with_capacity(WRITE_BATCH),
+                batch: Vec::new(), // grows to WRITE_BATCH with the first bursts, then kept
             }),
             cursor: AtomicU64::new(0),
         }
