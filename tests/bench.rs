@@ -118,3 +118,55 @@ fn durable_messages_go_through_the_store_before_their_ack() {
     assert!(number(&summary["store"], "messages") > 0, "{summary}");
     assert!(number(&summary["agent"], "acks_sent") > 0, "{summary}");
 }
+
+/// The figure behind issue 14's design: the CPU one thread wake-up costs on this machine, from a
+/// park/unpark ping-pong between two threads (two wake-ups per round trip). On the 2-core bench VM
+/// it was about 12 µs per wake-up across CPUs and 2 µs on one CPU (`taskset -c 0`), which is why
+/// the pushing thread writes its own message instead of waking the writer. Prints, asserts
+/// nothing; run it with
+/// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture measure_thread_wake_cost`.
+#[test]
+#[ignore = "measurement: prints the cost of a thread wake-up"]
+fn measure_thread_wake_cost() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    const ROUNDS: u32 = 100_000;
+    let turn = Arc::new(AtomicU32::new(0));
+    let main_thread = std::thread::current();
+    let other_turn = turn.clone();
+    let other = std::thread::spawn(move || {
+        for round in 0..ROUNDS {
+            while other_turn.load(Ordering::Acquire) != 2 * round + 1 {
+                std::thread::park();
+            }
+            other_turn.store(2 * round + 2, Ordering::Release);
+            main_thread.unpark();
+        }
+    });
+    let cpu_before = process_cpu_seconds();
+    let started = std::time::Instant::now();
+    for round in 0..ROUNDS {
+        turn.store(2 * round + 1, Ordering::Release);
+        other.thread().unpark();
+        while turn.load(Ordering::Acquire) != 2 * round + 2 {
+            std::thread::park();
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = process_cpu_seconds() - cpu_before;
+    other.join().unwrap();
+    let per_wake_us = |seconds: f64| seconds * 1e6 / f64::from(2 * ROUNDS);
+    println!(
+        "thread wake-up: {:.1} µs of CPU, {:.1} µs of wall time each ({ROUNDS} round trips)",
+        per_wake_us(cpu),
+        per_wake_us(wall.as_secs_f64())
+    );
+}
+
+/// User plus system CPU seconds of this process, from /proc/self/stat (0 if unreadable).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
