@@ -5,7 +5,7 @@
 //! Two kinds of thread take turns at this, one at a time. The session's writer thread, and the
 //! thread that has just queued a message: when nobody is writing, it writes its message at once
 //! instead of waking the writer thread, because waking a thread on another CPU costs more than
-//! the write itself (about 12 µs of CPU per wake-up on the benchmark VM, issue 14). Only the writer
+//! the write itself (12–15 µs of CPU per wake-up on the benchmark VM, issue 14). Only the writer
 //! thread ever sleeps or waits for the socket; a queueing thread that would have to leaves the rest
 //! to it (it rings the outbox's bell).
 

@@ -121,7 +121,7 @@ fn durable_messages_go_through_the_store_before_their_ack() {
 
 /// The figure behind issue 14's design: the CPU one thread wake-up costs on this machine, from a
 /// park/unpark ping-pong between two threads (two wake-ups per round trip). On the 2-core bench VM
-/// it was about 12 µs per wake-up across CPUs and 2 µs on one CPU (`taskset -c 0`), which is why
+/// it was 12–15 µs per wake-up across CPUs and 2–2.5 µs on one CPU (`taskset -c 0`), which is why
 /// the pushing thread writes its own message instead of waking the writer. Prints, asserts
 /// nothing; run it with
 /// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture measure_thread_wake_cost`.
