@@ -449,6 +449,11 @@ impl std::ops::DerefMut for PongBound<'_> {
     }
 }
 
+/// A WebSocket ping carrying `payload`.
+fn ping(payload: &[u8]) -> tungstenite::Message {
+    tungstenite::Message::Ping(payload.to_vec().into())
+}
+
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
@@ -520,14 +525,14 @@ impl Link {
     ///
     /// # Errors
     /// As [`Link::send_text`]; none of the frames may count as delivered then.
-    pub fn send_texts(&self, texts: Vec<String>) -> Result<()> {
-        self.send_all(texts.into_iter().map(tungstenite::Message::text))
+    pub fn send_texts(&self, texts: impl Iterator<Item = String>) -> Result<()> {
+        self.send_all(texts.map(tungstenite::Message::text))
     }
 
     /// Sends a WebSocket ping; gorilla answers every ping with a pong carrying the same payload
     /// (protocol §2.6), from the same goroutine that reads and handles our messages in order.
     pub fn send_ping(&self, payload: &[u8]) -> Result<()> {
-        self.send(tungstenite::Message::Ping(payload.to_vec().into()))
+        self.send(ping(payload))
     }
 
     /// Writes JSON text frames, in order, and flushes what the socket takes now, without waiting:
@@ -537,20 +542,23 @@ impl Link {
     ///
     /// # Errors
     /// As [`Link::send_text`].
-    pub fn try_send_texts(&self, texts: Vec<String>) -> Result<bool> {
-        let mut ws = self.lock();
-        Link::write_frames(&mut ws, texts.into_iter().map(tungstenite::Message::text))?;
-        Link::try_flush(&mut ws)
+    pub fn try_send_texts(&self, texts: impl Iterator<Item = String>) -> Result<bool> {
+        self.try_send_all(texts.map(tungstenite::Message::text))
     }
 
     /// A ping, as [`Link::send_ping`], written as [`Link::try_send_texts`] writes.
     pub fn try_send_ping(&self, payload: &[u8]) -> Result<bool> {
+        self.try_send_all(std::iter::once(ping(payload)))
+    }
+
+    fn try_send_all(&self, messages: impl Iterator<Item = tungstenite::Message>) -> Result<bool> {
         let mut ws = self.lock();
-        Link::write_frames(
-            &mut ws,
-            std::iter::once(tungstenite::Message::Ping(payload.to_vec().into())),
-        )?;
-        Link::try_flush(&mut ws)
+        Link::write_frames(&mut ws, messages)?;
+        match ws.flush() {
+            Ok(()) => Ok(true),
+            Err(e) if would_block(&e) => Ok(false),
+            Err(e) => Err(map_ws_error(e, "write")),
+        }
     }
 
     /// Writes out what [`Link::try_send_texts`] left buffered, within `websocket.writeDeadline`.
@@ -575,14 +583,6 @@ impl Link {
             }
         }
         Ok(())
-    }
-
-    fn try_flush(ws: &mut WebSocket<Stream>) -> Result<bool> {
-        match ws.flush() {
-            Ok(()) => Ok(true),
-            Err(e) if would_block(&e) => Ok(false),
-            Err(e) => Err(map_ws_error(e, "write")),
-        }
     }
 
     fn send_all(&self, messages: impl Iterator<Item = tungstenite::Message>) -> Result<()> {

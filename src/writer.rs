@@ -47,7 +47,8 @@ pub struct Writer {
     link: Arc<Link>,
     status: Arc<Status>,
     turn: Mutex<Turn>,
-    /// Normal-lane messages written this session: the heartbeat's pings carry it too.
+    /// `Turn::written`, for the heartbeat's pings: readable without the turn, which a write
+    /// waiting for a slow socket may hold for up to `writeDeadline`.
     cursor: AtomicU64,
 }
 
@@ -74,7 +75,9 @@ struct Turn {
     ack_gap: Duration,
     /// When the writer thread will look again without being rung (`None`: only when rung).
     writer_wakes: Option<Instant>,
+    /// The batch being written and its wire texts, kept to be reused.
     batch: Vec<Taken>,
+    texts: Vec<String>,
 }
 
 /// The moving average of the time between pushes, with the push at `now` (weight 1/8; a gap
@@ -124,7 +127,9 @@ impl Writer {
                 acked_at: Instant::now(),
                 ack_gap: GATHER_GAP,
                 writer_wakes: None,
-                batch: Vec::new(), // grows to WRITE_BATCH with the first bursts, then kept
+                // Both grow to WRITE_BATCH with the first bursts, then are kept.
+                batch: Vec::new(),
+                texts: Vec::new(),
             }),
             cursor: AtomicU64::new(0),
         }
@@ -296,18 +301,17 @@ impl Writer {
                 gathered |= more.awaited || more.lane == Lane::Urgent;
                 batch.push(more);
             }
-            let texts = batch
-                .iter_mut()
-                .map(|taken| {
-                    log::debug!("to cloud: {:?}", taken.message);
-                    // Encoded once, when it was spooled, if the outbox kept the text.
-                    taken.wire.take().unwrap_or_else(|| taken.message.encode())
-                })
-                .collect();
+            // Encoded here, outside the link's lock, which the reader needs too; once, when it
+            // was spooled, if the outbox kept the text.
+            let texts = &mut turn.texts;
+            texts.extend(batch.iter_mut().map(|taken| {
+                log::debug!("to cloud: {:?}", taken.message);
+                taken.wire.take().unwrap_or_else(|| taken.message.encode())
+            }));
             let sent = if may_wait {
-                self.link.send_texts(texts).map(|()| true)
+                self.link.send_texts(texts.drain(..)).map(|()| true)
             } else {
-                self.link.try_send_texts(texts)
+                self.link.try_send_texts(texts.drain(..))
             };
             match sent {
                 Ok(flushed) => turn.unflushed = !flushed,
