@@ -191,10 +191,11 @@ pub struct ReplySlot {
 }
 
 #[derive(Debug, Default)]
+#[allow(clippy::large_enum_variant)] // one per request, inside the slot's own allocation: a Box would allocate again per response
 enum Reply {
     #[default]
     Waiting,
-    Answered(Box<Message>),
+    Answered(Message),
     /// The agent is stopping (`Pending::close`).
     Cancelled,
 }
@@ -225,7 +226,7 @@ impl ReplySlot {
         let mut reply = self.lock();
         loop {
             match std::mem::take(&mut *reply) {
-                Reply::Answered(message) => return Ok(*message),
+                Reply::Answered(message) => return Ok(message),
                 Reply::Cancelled => return Err(NoReply::Cancelled),
                 Reply::Waiting => {}
             }
@@ -314,7 +315,7 @@ impl Pending {
                 tx.try_send(response).map_err(|e| Box::new(e.into_inner()))
             }
             Some(Waiter::Slot(slot)) => {
-                slot.set(Reply::Answered(Box::new(response)));
+                slot.set(Reply::Answered(response));
                 Ok(())
             }
             None => Err(Box::new(response)),
