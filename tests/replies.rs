@@ -8,20 +8,10 @@
 mod support;
 
 use edgehub::cloudsim::SimEvent;
-use edgehub::message::{json_content, text_content, Message, Route};
+use edgehub::message::{json_content, text_content, Message};
 use edgehub::Agent;
 use std::time::Duration;
 use support::*;
-
-fn route(source: &str, group: &str, operation: &str, resource: &str) -> Route {
-    Route {
-        source: source.into(),
-        group: group.into(),
-        operation: operation.into(),
-        resource: resource.into(),
-        ..Route::default()
-    }
-}
 
 /// devicecontroller's answer to an `edge_updated` request (`DC/controller/upstream.go`): route
 /// `{devicecontroller, twin, response, "twin"}`, the request's ID as parent, content "OK", no

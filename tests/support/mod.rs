@@ -229,15 +229,20 @@ pub fn wait_connection_event(rx: &Receiver<Message>, content: &str) {
     }
 }
 
+/// A route from its four parts.
+pub fn route(source: &str, group: &str, operation: &str, resource: &str) -> Route {
+    Route {
+        source: source.into(),
+        group: group.into(),
+        operation: operation.into(),
+        resource: resource.into(),
+        ..Route::default()
+    }
+}
+
 pub fn cloud_msg(group: &str, source: &str, operation: &str, resource: &str, rv: &str) -> Message {
     let mut m = Message::new(
-        Route {
-            source: source.into(),
-            group: group.into(),
-            operation: operation.into(),
-            resource: resource.into(),
-            ..Route::default()
-        },
+        route(source, group, operation, resource),
         edgehub::message::json_content(r#"{"metadata":{"name":"x"}}"#).unwrap(),
     );
     m.header.resource_version = rv.into();
@@ -247,13 +252,8 @@ pub fn cloud_msg(group: &str, source: &str, operation: &str, resource: &str, rv:
 /// A message an edge module sends up, numbered so delivery can be checked exactly.
 pub fn numbered(seq: u32) -> Message {
     Message::new(
-        Route {
-            source: "edged".into(),
-            group: "meta".into(),
-            operation: "update".into(),
-            resource: format!("default/testdata/{NODE}"), // not a coalescing kind: every one counts
-            ..Route::default()
-        },
+        // Not a coalescing kind: every one counts.
+        route("edged", "meta", "update", &format!("default/testdata/{NODE}")),
         edgehub::message::json_content(&format!(r#"{{"seq":{seq}}}"#)).unwrap(),
     )
 }
