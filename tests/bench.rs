@@ -170,3 +170,197 @@ fn process_cpu_seconds() -> f64 {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// The floor under issue 14's cloud→edge target, without TLS, JSON or the agent: a "cloud" thread
+/// sends 130-byte messages over plain TCP on 127.0.0.1 at 10k/s and reads 130-byte ACKs. On the
+/// edge side, measured as the CPU of the edge threads only:
+/// - `read only`: one thread reads each message (the wake-up a message costs and its read);
+/// - `read + ACK`: the same thread also writes the ACK (adds the send, which on loopback also runs
+///   the cloud side's TCP receive and its wake-up);
+/// - `reader → module → ACK`: the agent's shape, a reader thread handing each message over a
+///   crossbeam channel to a module thread that writes the ACK.
+///
+/// Prints, asserts nothing; run it with
+/// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture measure_floor`.
+#[test]
+#[ignore = "measurement: prints the kernel's floor per ACKed message"]
+fn measure_floor_of_an_acked_message() {
+    for shape in [Shape::ReadOnly, Shape::ReadAck, Shape::HandOff] {
+        let per_message = relay_cpu_per_message(shape, 30_000, 10_000);
+        println!("floor, {:<23} {per_message:5.1} µs of CPU per message", shape.name());
+    }
+}
+
+/// The floor under issue 14's round-trip target, as above: a thread echoes 130-byte messages over
+/// plain TCP on 127.0.0.1; the edge side sends one and waits for its answer, 20 000 times, either
+/// reading the answer itself or, the agent's shape, through a reader thread that hands it over.
+/// Prints the median round trip of each.
+#[test]
+#[ignore = "measurement: prints the kernel's floor under a request's round trip"]
+fn measure_floor_of_a_request_round_trip() {
+    for hand_off in [false, true] {
+        let p50 = echo_round_trip_p50(20_000, hand_off);
+        let shape = if hand_off { "reader → requester" } else { "requester reads" };
+        println!("floor, {shape:<19} round trip p50 {p50:5.1} µs");
+    }
+}
+
+const FLOOR_MESSAGE_BYTES: usize = 130;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    ReadOnly,
+    ReadAck,
+    HandOff,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::ReadOnly => "read only:",
+            Shape::ReadAck => "read + ACK:",
+            Shape::HandOff => "reader → module → ACK:",
+        }
+    }
+}
+
+/// A connected pair of TCP sockets on 127.0.0.1, both with TCP_NODELAY: (cloud, edge).
+fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cloud = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (edge, _) = listener.accept().unwrap();
+    cloud.set_nodelay(true).unwrap();
+    edge.set_nodelay(true).unwrap();
+    (cloud, edge)
+}
+
+/// User plus system CPU seconds of the calling thread, from /proc/thread-self/stat.
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn relay_cpu_per_message(shape: Shape, count: usize, rate: u64) -> f64 {
+    use std::io::{Read, Write};
+    use std::thread::spawn;
+    let (cloud, edge) = loopback_pair();
+    let mut cloud_out = cloud.try_clone().unwrap();
+    let sender = spawn(move || {
+        let start = std::time::Instant::now();
+        for n in 0..count {
+            let due = start + Duration::from_micros(n as u64 * 1_000_000 / rate);
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            cloud_out.write_all(&[b'm'; FLOOR_MESSAGE_BYTES]).unwrap();
+        }
+    });
+    let ack_reader = (shape != Shape::ReadOnly).then(|| {
+        let mut cloud_in = cloud;
+        spawn(move || {
+            let mut ack = [0u8; FLOOR_MESSAGE_BYTES];
+            for _ in 0..count {
+                cloud_in.read_exact(&mut ack).unwrap();
+            }
+        })
+    });
+    let mut edge_in = edge.try_clone().unwrap();
+    let mut edge_out = edge;
+    let module = (shape == Shape::HandOff).then(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+        let thread = spawn(move || {
+            let cpu = thread_cpu_seconds();
+            let never = crossbeam_channel::never::<()>();
+            loop {
+                // Waits as the agent's modules do (select! of two parks at once).
+                crossbeam_channel::select! {
+                    recv(rx) -> msg => match msg {
+                        Ok(msg) => edge_out.write_all(&msg).unwrap(),
+                        Err(_) => break,
+                    },
+                    recv(never) -> _ => {}
+                }
+            }
+            thread_cpu_seconds() - cpu
+        });
+        (tx, thread)
+    });
+    let reader = spawn(move || {
+        let cpu = thread_cpu_seconds();
+        let mut msg = [0u8; FLOOR_MESSAGE_BYTES];
+        let tx = module.as_ref().map(|(tx, _)| tx.clone());
+        for _ in 0..count {
+            edge_in.read_exact(&mut msg).unwrap();
+            match (&tx, shape) {
+                (Some(tx), _) => tx.send(msg.to_vec()).unwrap(),
+                (None, Shape::ReadAck) => edge_in.write_all(&msg).unwrap(),
+                _ => {}
+            }
+        }
+        let cpu = thread_cpu_seconds() - cpu;
+        drop(tx);
+        cpu + module.map_or(0.0, |(tx, thread)| {
+            drop(tx);
+            thread.join().unwrap()
+        })
+    });
+    let cpu = reader.join().unwrap();
+    sender.join().unwrap();
+    if let Some(ack_reader) = ack_reader {
+        ack_reader.join().unwrap();
+    }
+    cpu * 1e6 / count as f64
+}
+
+fn echo_round_trip_p50(count: usize, hand_off: bool) -> f64 {
+    use std::io::{Read, Write};
+    use std::thread::spawn;
+    let (mut cloud, edge) = loopback_pair();
+    let echo = spawn(move || {
+        let mut msg = [0u8; FLOOR_MESSAGE_BYTES];
+        while cloud.read_exact(&mut msg).is_ok() {
+            if cloud.write_all(&msg).is_err() {
+                break;
+            }
+        }
+    });
+    let mut edge_out = edge.try_clone().unwrap();
+    let mut edge_in = edge;
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(1);
+    let reader = hand_off.then(|| {
+        let mut edge_in = edge_in.try_clone().unwrap();
+        spawn(move || {
+            let mut msg = [0u8; FLOOR_MESSAGE_BYTES];
+            for _ in 0..count {
+                edge_in.read_exact(&mut msg).unwrap();
+                tx.send(msg.to_vec()).unwrap();
+            }
+        })
+    });
+    let mut rtts = Vec::with_capacity(count);
+    let mut msg = [0u8; FLOOR_MESSAGE_BYTES];
+    let never = crossbeam_channel::never::<()>();
+    for _ in 0..count {
+        let sent = std::time::Instant::now();
+        edge_out.write_all(&[b'r'; FLOOR_MESSAGE_BYTES]).unwrap();
+        if hand_off {
+            // As Hub::request waits: parked at once, woken by the reader.
+            crossbeam_channel::select! {
+                recv(rx) -> answer => drop(answer.unwrap()),
+                recv(never) -> _ => {}
+            }
+        } else {
+            edge_in.read_exact(&mut msg).unwrap();
+        }
+        rtts.push(sent.elapsed().as_secs_f64() * 1e6);
+    }
+    if let Some(reader) = reader {
+        reader.join().unwrap();
+    }
+    edge_out.shutdown(std::net::Shutdown::Both).unwrap();
+    echo.join().unwrap();
+    rtts.sort_by(f64::total_cmp);
+    rtts[count / 2]
+}

@@ -317,7 +317,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     let sink_counts = counts.clone();
     modules.push(ModuleSpec::new("bsink", &sink_groups, move |ctx| {
-        for msg in ctx.inbox.iter() {
+        // Waits as the agent's own modules do, not with a lone recv() that spins (ModuleContext::recv).
+        while let Some(msg) = ctx.recv() {
             if msg.route.resource == CONNECTION_RESOURCE {
                 if msg.content_text().as_deref() == Some(CLOUD_CONNECTED) {
                     let _ = connected_tx.try_send(());
