@@ -385,17 +385,19 @@ impl Session<'_> {
         // Only edged's messages concern it: no copy of keepalives, ACKs or bench traffic.
         let for_edgecontroller =
             (self.shared.cfg.edgecontroller && msg.route.source == "edged").then(|| msg.clone());
-        self.shared.emit(SimEvent::Received { node: self.node.clone(), msg, at: Instant::now() });
+        let received_at = Instant::now();
+        if let Some(reply) = control_reply {
+            // viaduct answers config/ping/pong operations itself (protocol §2.8), before anything
+            // else sees the message: reporting first put a wake-up of the reporting thread into
+            // every round trip the bench measures. A failed write shows up on the next read.
+            let _ = self.write(&Downstream::message(&reply), 1);
+        }
+        self.shared.emit(SimEvent::Received { node: self.node.clone(), msg, at: received_at });
         if acked {
             self.shared.emit(SimEvent::Ack { node: self.node.clone(), parent_id });
         }
         if let Some(msg) = for_edgecontroller {
             self.shared.edgecontroller(&self.node, &msg);
-        }
-        if let Some(reply) = control_reply {
-            // viaduct answers config/ping/pong operations itself (protocol §2.8). A failed write
-            // shows up on the next read.
-            let _ = self.write(&Downstream::message(&reply), 1);
         }
     }
 
