@@ -17,7 +17,9 @@
 #
 # Compare mode (issue 14): scripts/bench.sh compare BEFORE AFTER [scenario-name-filter]
 # runs each chosen scenario BENCH_RUNS (3) times with each of two builds, before and after back to
-# back (so both see the same load on the host), against this tree's simulator, and prints one line
+# back (so both see the same load on the host; odd rounds run before first, even rounds after
+# first, as the second run of a pair can be slower for it: durable ingest was ×1.20 one way round
+# and ×1.10 the other), against this tree's simulator, and prints one line
 # per scenario: the median of the paired after/before ratios of CPU per message, and medians of
 # CPU µs per message or request (whole process, and the agent's threads without the bench's own),
 # rate, p50 latency, the after/before ratio and the load average. BEFORE and AFTER are folders
@@ -102,10 +104,13 @@ wanted() {
   return 1
 }
 
-# In compare mode, runs a scenario BENCH_RUNS times with each build, before then after.
+# In compare mode, runs a scenario BENCH_RUNS times with each build, back to back, the build that
+# goes first alternating by round. Results go to one file per build, so runs stay paired by order.
 compare_pairs() {
+  local sides
   for round in $(seq "${BENCH_RUNS:-3}"); do
-    for side in before after; do
+    if [ $((round % 2)) -eq 1 ]; then sides="before after"; else sides="after before"; fi
+    for side in $sides; do
       echo "bench: compare round $round, $side" >&2
       results=bench-results/$stamp-$side.jsonl
       if [ "$side" = before ]; then bench_bin=$before_bench device_bin=$before_device; else bench_bin=$after_bench device_bin=$after_device; fi

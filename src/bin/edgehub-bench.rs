@@ -963,8 +963,9 @@ fn print_compare(before: &std::path::Path, after: &std::path::Path) -> Result<()
                 pair("p50", " µs", |r| r.p50_us),
             ]
         };
-        // Runs are paired in file order (bench.sh runs before, then after, back to back): the
-        // median of the pairs' ratios is steadier than the ratio of medians on a busy host.
+        // Runs are paired in file order (bench.sh runs each pair back to back, alternating which
+        // build goes first): the median of the pairs' ratios is steadier than the ratio of
+        // medians on a busy host.
         let paired: Vec<f64> = runs_b
             .iter()
             .zip(runs_a)
