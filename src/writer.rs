@@ -67,12 +67,9 @@ struct Turn {
     pinged: u64,
     /// When the last flush ended.
     flushed_at: Instant,
-    /// When the last plain message was pushed, and the moving average of the time between
-    /// pushes (weight 1/8 for the newest): how dense the stream is. The same for ACKs.
-    pushed_at: Instant,
-    push_gap: Duration,
-    acked_at: Instant,
-    ack_gap: Duration,
+    /// How dense the stream of plain messages is, and that of ACKs.
+    plain_pace: Pace,
+    ack_pace: Pace,
     /// When the writer thread will look again without being rung (`None`: only when rung).
     writer_wakes: Option<Instant>,
     /// The batch being written and its wire texts, kept to be reused.
@@ -80,19 +77,33 @@ struct Turn {
     texts: Vec<String>,
 }
 
-/// The moving average of the time between pushes, with the push at `now` (weight 1/8; a gap
-/// counts at most `GATHER_GAP`, so a pause does not hide a new stream for long).
-fn moving_gap(average: Duration, last: &mut Instant, now: Instant) -> Duration {
-    let gap = now.saturating_duration_since(*last).min(GATHER_GAP);
-    *last = now;
-    (average * 7 + gap) / 8
+/// The moving average of the time between a kind of push (weight 1/8 for the newest).
+#[derive(Debug)]
+struct Pace {
+    last: Instant,
+    average_gap: Duration,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace { last: Instant::now(), average_gap: GATHER_GAP }
+    }
+
+    /// Counts a push at `now` and returns the new average. A gap counts at most `GATHER_GAP`, so a
+    /// pause does not hide a new stream for long.
+    fn push(&mut self, now: Instant) -> Duration {
+        let gap = now.saturating_duration_since(self.last).min(GATHER_GAP);
+        self.last = now;
+        self.average_gap = (self.average_gap * 7 + gap) / 8;
+        self.average_gap
+    }
 }
 
 impl Turn {
     /// Plain messages come faster than `DENSE_GAP` apart and the last flush was less than
     /// `GATHER_GAP` ago: the next flush waits for the end of the gap.
     fn is_dense_stream(&self, now: Instant) -> bool {
-        self.push_gap < DENSE_GAP && now < self.flushed_at + GATHER_GAP
+        self.plain_pace.average_gap < DENSE_GAP && now < self.flushed_at + GATHER_GAP
     }
 }
 
@@ -122,10 +133,8 @@ impl Writer {
                 written: 0,
                 pinged: 0,
                 flushed_at: Instant::now(),
-                pushed_at: Instant::now(),
-                push_gap: GATHER_GAP,
-                acked_at: Instant::now(),
-                ack_gap: GATHER_GAP,
+                plain_pace: Pace::new(),
+                ack_pace: Pace::new(),
                 writer_wakes: None,
                 // Both grow to WRITE_BATCH with the first bursts, then are kept.
                 batch: Vec::new(),
@@ -158,7 +167,7 @@ impl Writer {
         let now = Instant::now();
         match pushed {
             Pushed::Plain => {
-                turn.push_gap = moving_gap(turn.push_gap, &mut turn.pushed_at, now);
+                turn.plain_pace.push(now);
                 if turn.is_dense_stream(now) {
                     // The writer thread flushes it at the end of the gap; ring it only if it
                     // does not plan to look by then.
@@ -167,8 +176,7 @@ impl Writer {
                 }
             }
             Pushed::Acks => {
-                turn.ack_gap = moving_gap(turn.ack_gap, &mut turn.acked_at, now);
-                if turn.ack_gap < DENSE_ACK_GAP {
+                if turn.ack_pace.push(now) < DENSE_ACK_GAP {
                     return false;
                 }
             }
@@ -353,5 +361,23 @@ impl Writer {
             turn.pinged = turn.written;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pace_tells_a_dense_stream_and_a_pause_counts_at_most_the_gather_gap() {
+        let start = Instant::now();
+        let mut pace = Pace { last: start, average_gap: GATHER_GAP };
+        let mut average = GATHER_GAP;
+        for n in 1..=40 {
+            average = pace.push(start + Duration::from_micros(100 * n)); // 10k/s
+        }
+        assert!(average < DENSE_GAP, "{average:?}");
+        let after_pause = pace.push(start + Duration::from_secs(60));
+        assert_eq!(after_pause, (average * 7 + GATHER_GAP) / 8);
     }
 }
