@@ -467,7 +467,8 @@ impl Outbox {
         self.wait_for(timeout.map(|t| Instant::now() + t), false)
     }
 
-    /// Waits until an ACK or a request is pushed or `until` passes, and takes that ring. Returns whether it came; a plain ring stays for the next `wait_bell`.
+    /// Waits until an ACK or a request is pushed or `until` passes, and takes that ring. Returns
+    /// whether it came; a plain ring stays for the next `wait_bell`.
     pub fn wait_prompt(&self, until: Instant) -> bool {
         self.wait_for(Some(until), true)
     }

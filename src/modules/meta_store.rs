@@ -197,22 +197,20 @@ fn commit(
     }
     // Subscribers hear of a change before the cloud hears it is stored: both are after the
     // durable write, and whoever sees the ACK can count on the event having been offered.
-    let mut applied = Vec::with_capacity(batch.len());
     for (msg, outcome) in batch.iter().zip(&outcomes) {
         log_outcome(msg, outcome);
         if outcome.is_change() {
             feed.publish(msg, &store.counters);
         }
-        if outcome.is_applied() {
-            applied.push(msg);
-        } else if matches!(outcome, Outcome::Failed(_)) {
+        if matches!(outcome, Outcome::Failed(_)) {
             // The disk may have room by the cloud's next re-send (5 s): let that one through
             // instead of dropping it as a duplicate of a message still being worked on.
             hub.release(msg);
         }
     }
     // Together, so a batch's ACKs share one flush.
-    hub.ack_all(applied);
+    let applied = batch.iter().zip(&outcomes).filter(|(_, outcome)| outcome.is_applied());
+    hub.ack_all(applied.map(|(msg, _)| msg));
     feed.end_batch(&store.counters);
     log::debug!(
         "meta: committed {} messages ({} written) in {:?}",

@@ -200,6 +200,8 @@ impl Drop for PendingReply {
 /// and the hub. The inbox disconnects when the agent stops: that is the module's signal to return.
 pub struct ModuleContext {
     pub name: String,
+    /// To `select!` on beside a module's other channels; waiting on it alone, use
+    /// [`ModuleContext::recv`].
     pub inbox: Receiver<Message>,
     pub hub: Hub,
 }
