@@ -124,7 +124,7 @@ fn durable_messages_go_through_the_store_before_their_ack() {
 /// it was 12–15 µs per wake-up across CPUs and 2–2.5 µs on one CPU (`taskset -c 0`), which is why
 /// the pushing thread writes its own message instead of waking the writer. Prints, asserts
 /// nothing; run it with
-/// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture measure_thread_wake_cost`.
+/// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture --test-threads=1 measure_thread_wake_cost`.
 #[test]
 #[ignore = "measurement: prints the cost of a thread wake-up"]
 fn measure_thread_wake_cost() {
@@ -163,9 +163,19 @@ fn measure_thread_wake_cost() {
     );
 }
 
-/// User plus system CPU seconds of this process, from /proc/self/stat (0 if unreadable).
+/// User plus system CPU seconds of this process (0 if unreadable).
 fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds("/proc/self/stat")
+}
+
+/// User plus system CPU seconds of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    cpu_seconds("/proc/thread-self/stat")
+}
+
+/// User plus system CPU seconds from a /proc `stat` file (0 if unreadable).
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
@@ -180,8 +190,9 @@ fn process_cpu_seconds() -> f64 {
 /// - `reader → module → ACK`: the agent's shape, a reader thread handing each message over a
 ///   crossbeam channel to a module thread that writes the ACK.
 ///
-/// Prints, asserts nothing; run it with
-/// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture measure_floor`.
+/// Prints, asserts nothing; run it alone, as another measurement running beside it keeps the other
+/// CPU awake and makes wake-ups cheaper (the round trip read 13 µs instead of 53 that way):
+/// `cargo test --release --features cloudsim --test bench -- --ignored --nocapture --test-threads=1 measure_floor`.
 #[test]
 #[ignore = "measurement: prints the kernel's floor per ACKed message"]
 fn measure_floor_of_an_acked_message() {
@@ -232,14 +243,6 @@ fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
     cloud.set_nodelay(true).unwrap();
     edge.set_nodelay(true).unwrap();
     (cloud, edge)
-}
-
-/// User plus system CPU seconds of the calling thread, from /proc/thread-self/stat.
-fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn relay_cpu_per_message(shape: Shape, count: usize, rate: u64) -> f64 {

@@ -448,17 +448,9 @@ fn stop_joins_every_local_api_thread_even_with_clients_connected() {
     assert_eq!(threads.iter().filter(|t| *t == "eh-client").count(), 3, "{threads:?}");
     assert_eq!(threads.iter().filter(|t| *t == "eh-client-out").count(), 3, "{threads:?}");
     agent.stop();
-    // A joined thread leaves /proc/self/task a moment after join returns (the kernel reaps it
-    // just after clearing its tid): allow that moment, bounded.
-    let local_api_threads = || {
-        let ours = ["eh-localapi", "eh-api-accept", "eh-client", "eh-client-out"];
-        agent_threads().into_iter().filter(|t| ours.contains(&t.as_str())).collect::<Vec<_>>()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    while !local_api_threads().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(local_api_threads().is_empty(), "left behind: {:?}", local_api_threads());
+    let ours = ["eh-localapi", "eh-api-accept", "eh-client", "eh-client-out"];
+    let left = threads_left_after_stop(|t| ours.contains(&t));
+    assert!(left.is_empty(), "left behind: {left:?}");
     assert!(!socket.exists());
     drop((subscribed, idle, partial));
 }

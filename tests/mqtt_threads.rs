@@ -9,7 +9,7 @@ use edgehub::config::{Config, Seconds};
 use edgehub::mqtt::{ClientBuilder, Options};
 use std::time::Duration;
 use support::mosquitto::Mosquitto;
-use support::{agent_threads, wait_until, watchdog};
+use support::{agent_threads, threads_left_after_stop, wait_until, watchdog};
 
 #[test]
 fn ten_broker_restarts_leave_one_reader_and_stop_leaves_none() {
@@ -34,15 +34,6 @@ fn ten_broker_restarts_leave_one_reader_and_stop_leaves_none() {
         broker.restart();
     }
     client.stop();
-    // A joined thread leaves /proc/self/task a moment after join returns (the kernel, or qemu's
-    // user-mode emulation under the armv7 run, reaps it just after clearing its tid): allow that
-    // moment, bounded. A thread that was never joined stays and fails this.
-    let mqtt_threads =
-        || agent_threads().into_iter().filter(|t| t.starts_with("eh-mqtt")).collect::<Vec<_>>();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !mqtt_threads().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let left = mqtt_threads();
-    assert!(left.is_empty(), "still there 5 s after stop: {left:?}");
+    let left = threads_left_after_stop(|t| t.starts_with("eh-mqtt"));
+    assert!(left.is_empty(), "{left:?}");
 }

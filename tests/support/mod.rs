@@ -276,6 +276,19 @@ pub fn agent_threads() -> Vec<String> {
     names
 }
 
+/// The agent's threads whose names `ours` accepts that are still listed after a stop joined them,
+/// allowed a bounded moment to go: a joined thread leaves /proc/self/task just after join returns
+/// (the kernel, or qemu's user-mode emulation in the armv7 run, clears its tid first). A thread
+/// that was never joined is still there after that moment.
+pub fn threads_left_after_stop(ours: impl Fn(&str) -> bool) -> Vec<String> {
+    let left = || agent_threads().into_iter().filter(|t| ours(t)).collect::<Vec<_>>();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !left().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    left()
+}
+
 /// Waits for a condition the agent signals no event for (a counter, the outbox draining), checking
 /// every 10 ms, up to `PATIENCE`.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
